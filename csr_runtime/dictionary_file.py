@@ -1,0 +1,209 @@
+"""Dictionary file format v1: the contract between `neuraldict`, `csr_runtime` and `mlx_backend`.
+
+A dictionary file is one safetensors file. Its tensors are the offline dictionaries, one per
+merged-layer group and per kind (K or V), stored with **atoms as rows**:
+
+    keys/group_{g}   : (N_g, d_h / s_n_K)  float32, unit-norm rows
+    values/group_{g} : (N_g, d_h / s_n_V)  float32, unit-norm rows
+
+(`W_D` in the paper has atoms as columns; rows make the gather `D[idx]` of the runtimes cheap.)
+Its metadata holds one JSON document under the key ``csr_dictionary``; `docs/dictionary-format.md`
+describes every field. This module needs numpy and safetensors only, never torch: `mlx_backend`
+reads it on a Mac without torch installed. Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+FORMAT_VERSION = 1
+METADATA_KEY = "csr_dictionary"
+KINDS = ("keys", "values")
+INDEX_LIMIT = 32768  # int16 indices: offline + online + guard atoms must stay below this
+_NORM_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What a dictionary must agree with in the model it is used on."""
+
+    model_id: str
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rope_type: str = "default"
+
+    def mismatches(self, other: "ModelFingerprint") -> list[str]:
+        """Names and values of the architecture fields that differ (model_id is informative only)."""
+        out = []
+        for name in ("n_layers", "n_kv_heads", "head_dim", "rope_theta", "rope_type"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                out.append(f"{name}: dictionary has {mine!r}, model has {theirs!r}")
+        return out
+
+
+@dataclass
+class KindDictionaries:
+    """The offline dictionaries of one kind (keys or values).
+
+    atoms[g] : (N_g, d_h / s_n) float32, unit-norm rows, for merged-layer group g.
+    layer_to_group[l] = g says which dictionary serves layer l.
+    """
+
+    s_n: int
+    sparsity: int
+    layer_to_group: list[int]
+    atoms: list[np.ndarray]
+
+    def for_layer(self, layer: int) -> np.ndarray:
+        return self.atoms[self.layer_to_group[layer]]
+
+
+@dataclass
+class DictionaryFile:
+    model: ModelFingerprint
+    keys: KindDictionaries
+    values: KindDictionaries
+    provenance: dict = field(default_factory=dict)
+
+    def kind(self, kind: str) -> KindDictionaries:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        return self.keys if kind == "keys" else self.values
+
+    def check_model(self, model: ModelFingerprint, *, path: str | os.PathLike = "dictionary") -> None:
+        """Raise ValueError if this dictionary was made for another architecture than `model`."""
+        diffs = self.model.mismatches(model)
+        if diffs:
+            raise ValueError(
+                f"{path} was trained for {self.model.model_id!r}, not for {model.model_id!r} "
+                f"({'; '.join(diffs)}): train a dictionary for this model with "
+                f"`lightning fit --config configs/llama.yaml --data.init_args.model {model.model_id}`"
+            )
+
+
+def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path:
+    """Validate and write `dictionary` atomically (temp file + rename). Returns the path."""
+    _validate(dictionary, source=str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for kind in KINDS:
+        for g, atoms in enumerate(dictionary.kind(kind).atoms):
+            tensors[f"{kind}/group_{g}"] = np.ascontiguousarray(atoms, dtype=np.float32)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model": asdict(dictionary.model),
+        "provenance": dictionary.provenance,
+    }
+    for kind in KINDS:
+        d = dictionary.kind(kind)
+        meta[kind] = {
+            "s_n": d.s_n,
+            "sparsity": d.sparsity,
+            "layer_to_group": list(d.layer_to_group),
+            "n_atoms": [int(a.shape[0]) for a in d.atoms],
+        }
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None = None) -> DictionaryFile:
+    """Read and validate a dictionary file; with `model`, also check it was made for that model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dictionary file {path} does not exist: export one with `neuraldict export`")
+    with safe_open(str(path), framework="numpy") as f:
+        raw = (f.metadata() or {}).get(METADATA_KEY)
+        if raw is None:
+            raise ValueError(f"{path}: metadata key {METADATA_KEY!r} is missing: not a CSR dictionary file")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    meta = json.loads(raw)
+    version = _field(meta, "format_version", path)
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is unknown; this reader knows {FORMAT_VERSION}")
+    m = _field(meta, "model", path)
+    try:
+        fingerprint = ModelFingerprint(**m)
+    except TypeError as e:
+        raise ValueError(f"{path}: field 'model' is malformed ({e})") from None
+    kinds = {}
+    for kind in KINDS:
+        k = _field(meta, kind, path)
+        n_atoms = _field(k, "n_atoms", path, f"{kind}.n_atoms")
+        atoms = []
+        for g in range(len(n_atoms)):
+            name = f"{kind}/group_{g}"
+            if name not in tensors:
+                raise ValueError(f"{path}: tensor {name!r} is missing (metadata lists {len(n_atoms)} groups)")
+            atoms.append(tensors[name])
+        kinds[kind] = KindDictionaries(
+            s_n=_field(k, "s_n", path, f"{kind}.s_n"),
+            sparsity=_field(k, "sparsity", path, f"{kind}.sparsity"),
+            layer_to_group=list(_field(k, "layer_to_group", path, f"{kind}.layer_to_group")),
+            atoms=atoms,
+        )
+        for g, (n, a) in enumerate(zip(n_atoms, atoms)):
+            if a.shape[0] != n:
+                raise ValueError(f"{path}: {kind}.n_atoms[{g}] = {n} but tensor {kind}/group_{g} has {a.shape[0]} rows")
+    dictionary = DictionaryFile(fingerprint, kinds["keys"], kinds["values"], meta.get("provenance", {}))
+    _validate(dictionary, source=str(path))
+    if model is not None:
+        dictionary.check_model(model, path=path)
+    return dictionary
+
+
+def _field(meta: dict, name: str, path, label: str | None = None):
+    if not isinstance(meta, dict) or name not in meta:
+        raise ValueError(f"{path}: required field {label or name!r} is missing")
+    return meta[name]
+
+
+def _validate(d: DictionaryFile, *, source: str) -> None:
+    head_dim = d.model.head_dim
+    for kind in KINDS:
+        k = d.kind(kind)
+        if not isinstance(k.s_n, int) or k.s_n < 1 or head_dim % k.s_n:
+            raise ValueError(f"{source}: {kind}.s_n = {k.s_n!r} must be a positive divisor of head_dim = {head_dim}")
+        if not isinstance(k.sparsity, int) or k.sparsity < 1:
+            raise ValueError(f"{source}: {kind}.sparsity = {k.sparsity!r} must be a positive integer")
+        if len(k.layer_to_group) != d.model.n_layers:
+            raise ValueError(
+                f"{source}: {kind}.layer_to_group has {len(k.layer_to_group)} entries, "
+                f"model.n_layers is {d.model.n_layers}"
+            )
+        if not k.atoms:
+            raise ValueError(f"{source}: {kind} has no dictionaries")
+        bad = sorted({g for g in k.layer_to_group if not (isinstance(g, int) and 0 <= g < len(k.atoms))}, key=str)
+        if bad:
+            raise ValueError(f"{source}: {kind}.layer_to_group names groups {bad}, only 0..{len(k.atoms) - 1} exist")
+        width = head_dim // k.s_n
+        for g, a in enumerate(k.atoms):
+            where = f"{source}: {kind}/group_{g}"
+            if a.ndim != 2 or a.shape[1] != width:
+                raise ValueError(f"{where} has shape {tuple(a.shape)}, expected (N, head_dim / s_n) = (N, {width})")
+            if not 1 <= a.shape[0] < INDEX_LIMIT:
+                raise ValueError(f"{where} has {a.shape[0]} atoms; int16 indices allow 1..{INDEX_LIMIT - 1}")
+            if not np.isfinite(a).all():
+                raise ValueError(f"{where} has non-finite entries")
+            norms = np.linalg.norm(a.astype(np.float64), axis=1)
+            worst = int(np.argmax(np.abs(norms - 1.0)))
+            if abs(norms[worst] - 1.0) > _NORM_TOLERANCE:
+                raise ValueError(f"{where}: atom {worst} has norm {norms[worst]:.4g}, atoms must be unit-norm")
