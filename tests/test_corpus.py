@@ -1,0 +1,45 @@
+import pytest
+
+from neuraldict.corpus import SPLITS, load_corpus, split_of
+
+
+def test_embedded_corpus_is_real_english_split_by_document():
+    splits = {s: load_corpus("python-docs", s) for s in SPLITS}
+    names = {s: {d.name for d in docs} for s, docs in splits.items()}
+    assert not (names["train"] & names["test"]) and not (names["train"] & names["validation"])
+    total = sum(len(d.text) for docs in splits.values() for d in docs)
+    assert total > 1_000_000
+    train_chars = sum(len(d.text) for d in splits["train"])
+    assert 0.7 < train_chars / total < 0.9
+    assert any("assignment statement" in d.text.lower() for docs in splits.values() for d in docs)
+    assert load_corpus("python-docs", "test") == splits["test"]  # deterministic
+
+
+def test_split_is_stable():
+    # Hash-based: the same name always lands in the same split, on every machine.
+    assert [split_of(f"doc{i}") for i in range(6)] == [split_of(f"doc{i}") for i in range(6)]
+    counts = {s: sum(split_of(f"doc{i}") == s for i in range(2000)) for s in SPLITS}
+    assert 1500 < counts["train"] < 1700 and 150 < counts["test"] < 250
+
+
+def test_local_files(tmp_path):
+    for i in range(40):
+        (tmp_path / f"note{i}.txt").write_text(f"Document number {i}. " * 20, encoding="utf-8")
+    train = load_corpus(str(tmp_path / "*.txt"), "train")
+    test = load_corpus(str(tmp_path), "test")
+    assert train and test and not ({d.name for d in train} & {d.name for d in test})
+
+
+def test_bad_local_corpora(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(ValueError, match=f"corpus file {empty} is empty"):
+        load_corpus(str(empty), "train" if split_of(str(empty)) == "train" else split_of(str(empty)))
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café crème".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"corpus file {latin} is not UTF-8"):
+        load_corpus(str(latin))
+    with pytest.raises(ValueError, match="nor an existing file, folder or glob"):
+        load_corpus(str(tmp_path / "missing*.txt"))
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_corpus("python-docs", "dev")

@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from csr_runtime.dictionary_file import (
+    DictionaryFile, KindDictionaries, ModelFingerprint, load_dictionary, save_dictionary,
+)
+
+FP = ModelFingerprint("tiny", n_layers=3, n_kv_heads=2, head_dim=8, rope_theta=10000.0)
+
+
+def unit_rows(n, d, seed):
+    a = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def make_dictionary():
+    keys = KindDictionaries(s_n=1, sparsity=4, layer_to_group=[0, 0, 1], atoms=[unit_rows(16, 8, 0), unit_rows(12, 8, 1)])
+    values = KindDictionaries(s_n=2, sparsity=2, layer_to_group=[0, 0, 0], atoms=[unit_rows(20, 4, 2)])
+    return DictionaryFile(FP, keys, values, provenance={"trainer": "test"})
+
+
+def test_round_trip(tmp_path):
+    d = make_dictionary()
+    path = save_dictionary(tmp_path / "dict.safetensors", d)
+    back = load_dictionary(path, model=FP)
+    assert back.model == FP and back.provenance == {"trainer": "test"}
+    for kind in ("keys", "values"):
+        a, b = d.kind(kind), back.kind(kind)
+        assert (a.s_n, a.sparsity, a.layer_to_group) == (b.s_n, b.sparsity, b.layer_to_group)
+        for x, y in zip(a.atoms, b.atoms):
+            np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(back.keys.for_layer(2), d.keys.atoms[1])
+    assert not list(tmp_path.glob("*.tmp")), "atomic write left a temp file"
+
+
+def _rewrite(path, *, tensors=None, meta_edit=None, drop_meta=False):
+    """Re-save a valid file with one thing broken."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        meta = json.loads(f.metadata()["csr_dictionary"])
+    t = load_file(str(path))
+    if tensors:
+        tensors(t)
+    if meta_edit:
+        meta_edit(meta)
+    save_file(t, str(path), metadata=None if drop_meta else {"csr_dictionary": json.dumps(meta)})
+
+
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (dict(drop_meta=True), "metadata key 'csr_dictionary' is missing"),
+        (dict(meta_edit=lambda m: m.update(format_version=99)), "format_version 99 is unknown"),
+        (dict(meta_edit=lambda m: m["keys"].pop("s_n")), "'keys.s_n' is missing"),
+        (dict(meta_edit=lambda m: m.pop("model")), "'model' is missing"),
+        (dict(tensors=lambda t: t.pop("keys/group_1")), "tensor 'keys/group_1' is missing"),
+        (dict(tensors=lambda t: t.update({"keys/group_0": unit_rows(16, 6, 0)})), r"shape \(16, 6\), expected"),
+        (dict(tensors=lambda t: t.update({"keys/group_0": unit_rows(15, 8, 0)})), "n_atoms\\[0\\] = 16 but tensor"),
+        (dict(tensors=lambda t: t["values/group_0"].__setitem__((3, 1), np.nan)), "non-finite"),
+        (dict(tensors=lambda t: t["values/group_0"].__setitem__(5, 0.0)), "atom 5 has norm 0"),
+        (dict(meta_edit=lambda m: m["values"].update(layer_to_group=[0, 0])), "has 2 entries, model.n_layers is 3"),
+        (dict(meta_edit=lambda m: m["keys"].update(layer_to_group=[0, 2, 1])), "names groups \\[2\\]"),
+        (dict(meta_edit=lambda m: m["values"].update(s_n=3)), "s_n = 3 must be a positive divisor of head_dim = 8"),
+    ],
+)
+def test_bad_files_are_rejected_with_the_field_named(tmp_path, breakage, message):
+    path = save_dictionary(tmp_path / "dict.safetensors", make_dictionary())
+    _rewrite(path, **breakage)
+    with pytest.raises(ValueError, match=message):
+        load_dictionary(path)
+
+
+def test_dictionary_for_another_model_is_rejected(tmp_path):
+    path = save_dictionary(tmp_path / "dict.safetensors", make_dictionary())
+    other = ModelFingerprint("smol", n_layers=3, n_kv_heads=2, head_dim=64, rope_theta=10000.0)
+    with pytest.raises(ValueError, match="head_dim: dictionary has 8, model has 64"):
+        load_dictionary(path, model=other)
+
+
+def test_reader_needs_no_torch(tmp_path):
+    path = save_dictionary(tmp_path / "dict.safetensors", make_dictionary())
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from csr_runtime.dictionary_file import load_dictionary\n"
+        f"d = load_dictionary({str(path)!r}); print(d.keys.atoms[1].shape)\n"
+        "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(12, 8)"

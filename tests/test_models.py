@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from neuraldict.models import check_supported, load_model, model_fingerprint
+from tests.conftest import tiny_llama
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"tiny-gpt2 \(GPT2LMHeadModel\) is not supported: it has no `model.layers`"):
+        check_supported(gpt2, "tiny-gpt2")
+
+
+def test_model_not_available_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    # What a machine without network sees (the env var is read at import time, so patch the constant).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError, match="could not load model 'nobody/no-such-model'.*embedded default"):
+        load_model("nobody/no-such-model")
+
+
+def test_fingerprint_of_tiny_llama():
+    fp = model_fingerprint(tiny_llama(n_layers=3, kv_heads=2, head_dim=16), "tiny")
+    assert (fp.n_layers, fp.n_kv_heads, fp.head_dim, fp.rope_theta) == (3, 2, 16, 10000.0)
+
+
+@pytest.mark.smollm2
+def test_embedded_model_is_the_real_smollm2(smollm2):
+    lm, tokenizer = smollm2
+    fp = model_fingerprint(lm, "smollm2")
+    assert (fp.n_layers, fp.n_kv_heads, fp.head_dim) == (30, 3, 64)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    out = lm.generate(**ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])

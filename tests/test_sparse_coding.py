@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import orthogonal_mp
+
+from csr_runtime.sparse_coding import relative_error, sparse_decode, sparse_encode, split_chunks
+
+
+def unit_dictionary(n_atoms, d, *, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(n_atoms, d, generator=g, dtype=dtype)
+    return D / D.norm(dim=1, keepdim=True)
+
+
+def reference_mp(x, D, s):
+    """Plain per-vector loop, straight from the paper's description."""
+    idx, coef = np.zeros((len(x), s), dtype=np.int64), np.zeros((len(x), s))
+    for n, v in enumerate(x):
+        r = v.copy()
+        for g in range(s):
+            scores = D @ r
+            i = int(np.argmax(np.abs(scores)))
+            idx[n, g], coef[n, g] = i, scores[i]
+            r = r - scores[i] * D[i]
+    return idx, coef
+
+
+@pytest.mark.parametrize("s", [1, 3, 8])
+def test_mp_matches_reference_loop(s):
+    D = unit_dictionary(64, 16)
+    x = torch.randn(40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    idx, coef = sparse_encode(x, D, s=s, method="mp", chunk_size=7)  # several chunks
+    ref_idx, ref_coef = reference_mp(x.numpy(), D.numpy(), s)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+    np.testing.assert_allclose(coef.numpy(), ref_coef, atol=1e-12)
+
+
+@pytest.mark.parametrize("s", [1, 4, 8])
+def test_omp_matches_scikit_learn(s):
+    D = unit_dictionary(128, 24, seed=2)
+    x = torch.randn(60, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    idx, coef = sparse_encode(x, D, s=s, method="omp")
+    ref = orthogonal_mp(D.T.numpy(), x.T.numpy(), n_nonzero_coefs=s).T  # (n, N)
+    for n in range(len(x)):
+        assert set(idx[n].tolist()) == set(np.flatnonzero(ref[n]).tolist())
+    np.testing.assert_allclose(sparse_decode(idx, coef, D).numpy(), ref @ D.numpy(), atol=1e-10)
+
+
+def test_mp_and_omp_agree_at_s1():
+    D = unit_dictionary(50, 10, seed=4)
+    x = torch.randn(30, 10, dtype=torch.float64)
+    a, b = sparse_encode(x, D, s=1, method="mp"), sparse_encode(x, D, s=1, method="omp")
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+
+
+def test_omp_with_full_orthonormal_basis_is_exact():
+    Q, _ = torch.linalg.qr(torch.randn(12, 12, dtype=torch.float64))
+    x = torch.randn(20, 12, dtype=torch.float64)
+    idx, coef = sparse_encode(x, Q.T.contiguous(), s=12, method="omp")
+    torch.testing.assert_close(sparse_decode(idx, coef, Q.T), x)
+
+
+def test_float32_and_float64_agree():
+    D = unit_dictionary(64, 16, seed=5)
+    x = torch.randn(100, 16, dtype=torch.float64)
+    e64 = relative_error(x, sparse_decode(*sparse_encode(x, D, s=4), D))
+    e32 = relative_error(x, sparse_decode(*sparse_encode(x.float(), D.float(), s=4), D.float()))
+    assert abs(e64 - e32) < 1e-4
+
+
+def test_mp_error_decreases_with_sparsity():
+    D = unit_dictionary(256, 16, seed=6)
+    x = torch.randn(200, 16, dtype=torch.float64)
+    errors = [relative_error(x, sparse_decode(*sparse_encode(x, D, s=s), D)) for s in (1, 2, 4, 8)]
+    assert all(a > b for a, b in zip(errors, errors[1:]))
+
+
+def test_bad_arguments():
+    D = unit_dictionary(8, 4)
+    with pytest.raises(ValueError, match="width 5 but the dictionary's atoms have width 4"):
+        sparse_encode(torch.randn(3, 5, dtype=torch.float64), D, s=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        sparse_encode(torch.randn(3, 4, dtype=torch.float64), D, s=0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        sparse_encode(torch.randn(3, 4, dtype=torch.float64), D, s=1, method="lasso")
+    with pytest.raises(ValueError, match="OMP needs s <= min"):
+        sparse_encode(torch.randn(3, 4, dtype=torch.float64), D, s=5, method="omp")
+    with pytest.raises(ValueError, match="not divisible by s_n = 3"):
+        split_chunks(torch.randn(2, 64), 3)
