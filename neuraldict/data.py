@@ -1,0 +1,168 @@
+"""The LightningDataModule: KV shards → merged-layer groups → batches of head vectors per dictionary.
+
+`prepare_data` runs the KV collection (train and validation document splits) if its shards are
+missing; `setup` groups layers (`merge.py`) and builds one pool of vectors per dictionary, named
+``"{kind}/group_{g}"``. A training batch is a dict ``{name: (batch_size, head_dim) float32}`` with one
+random batch per dictionary, so every dictionary takes one step per training step.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from csr_runtime.dictionary_file import KINDS
+from neuraldict.collect import KVCollection, collect_kv
+from neuraldict.corpus import EMBEDDED_CORPUS
+from neuraldict.merge import divergence_matrix, group_layers
+from neuraldict.models import EMBEDDED_MODEL
+
+
+class KVDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        model: str = EMBEDDED_MODEL,
+        corpus: str = EMBEDDED_CORPUS,
+        train_tokens: int = 16384,
+        val_tokens: int = 2048,
+        window: int = 512,
+        merge: Literal["jsd", "none"] = "jsd",
+        delta1: float = 0.4,
+        delta2: float = 0.8,
+        merge_bins: int = 50,
+        merge_sample: int = 8192,
+        batch_size: int = 1024,
+        batches_per_epoch: int = 50,
+        max_val_vectors: int = 4096,
+        collect_device: str = "cpu",
+        seed: int = 0,
+    ):
+        """
+        Args:
+            model: Hugging Face id, local folder, or the embedded SmolLM2.
+            corpus: "python-docs" (embedded), "hf:<dataset>[:<config>]", or a text file / folder / glob.
+            train_tokens: calibration tokens collected from the train split.
+            val_tokens: held-out tokens collected from the validation split.
+            window: tokens per forward pass during collection.
+            merge: "jsd" groups consecutive layers by Jensen–Shannon divergence; "none" keeps one dictionary per layer.
+            delta1: largest divergence allowed between any two layers of a group.
+            delta2: largest sum of adjacent-layer divergences in a group.
+            merge_bins: histogram bins per PCA axis (the paper's 200 measures sampling noise at our data sizes; see BENCHMARKS.md).
+            merge_sample: vectors per layer used to estimate the divergences.
+            batch_size: head vectors per dictionary per training step.
+            batches_per_epoch: training steps per epoch.
+            max_val_vectors: held-out vectors per dictionary.
+            collect_device: device of the model during collection.
+            seed: seed of the batch sampling.
+        """
+        super().__init__()
+        if merge not in ("jsd", "none"):
+            raise ValueError(f"merge must be 'jsd' or 'none', got {merge!r}")
+        sizes = dict(train_tokens=train_tokens, val_tokens=val_tokens, batch_size=batch_size,
+                     batches_per_epoch=batches_per_epoch, max_val_vectors=max_val_vectors, merge_bins=merge_bins)
+        for name, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        self.save_hyperparameters()
+        self.layer_to_group: dict[str, list[int]] = {}
+        self.divergences: dict[str, np.ndarray] = {}
+        self.train_pools: dict[str, torch.Tensor] = {}
+        self.val_pools: dict[str, torch.Tensor] = {}
+
+    def _collect(self, split: str, tokens: int) -> KVCollection:
+        h = self.hparams
+        return collect_kv(model=h.model, corpus=h.corpus, split=split, max_tokens=tokens, window=h.window,
+                          device=h.collect_device)
+
+    def prepare_data(self) -> None:
+        self._collect("train", self.hparams.train_tokens)
+        self._collect("validation", self.hparams.val_tokens)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_pools:
+            return
+        h = self.hparams
+        train, val = self._collect("train", h.train_tokens), self._collect("validation", h.val_tokens)
+        self.fingerprint = train.model
+        n_layers = train.model.n_layers
+        for kind in KINDS:
+            if h.merge == "none":
+                self.layer_to_group[kind] = list(range(n_layers))
+                continue
+            self.divergences[kind] = self._divergences(train, kind)
+            self.layer_to_group[kind] = group_layers(self.divergences[kind], delta1=h.delta1, delta2=h.delta2)
+        g = torch.Generator().manual_seed(h.seed)
+        for kind in KINDS:
+            groups = self.layer_to_group[kind]
+            for group in range(max(groups) + 1):
+                layers = [l for l in range(n_layers) if groups[l] == group]
+                name = f"{kind}/group_{group}"
+                self.train_pools[name] = torch.from_numpy(np.concatenate([train.vectors(l, kind) for l in layers]))
+                held_out = torch.from_numpy(np.concatenate([val.vectors(l, kind) for l in layers]))
+                keep = torch.randperm(len(held_out), generator=g)[: h.max_val_vectors]
+                self.val_pools[name] = held_out[keep].float()
+
+    def _divergences(self, collection: KVCollection, kind: str) -> np.ndarray:
+        """The layer divergence matrix, cached next to the shards."""
+        h = self.hparams
+        cached = collection.path / f"divergence_{kind}_bins{h.merge_bins}_n{h.merge_sample}.npy"
+        if cached.is_file():
+            return np.load(cached)
+        g = torch.Generator().manual_seed(0)
+        layers = []
+        for layer in range(collection.model.n_layers):
+            v = collection.vectors(layer, kind)
+            pick = torch.randperm(len(v), generator=g)[: h.merge_sample].sort().values.numpy()
+            layers.append(torch.from_numpy(v[pick].astype(np.float32)))
+        matrix = divergence_matrix(layers, bins=h.merge_bins)
+        np.save(cached, matrix)
+        return matrix
+
+    def layers_of(self, name: str) -> list[int]:
+        kind, group = name.split("/group_")
+        return [l for l, g in enumerate(self.layer_to_group[kind]) if g == int(group)]
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer else 0
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        seed = self.hparams.seed + 1000 * epoch + rank  # each DDP rank draws its own batches
+        return DataLoader(_RandomBatches(self.train_pools, self.hparams.batch_size, self.hparams.batches_per_epoch, seed),
+                          batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(_FixedBatches(self.val_pools, self.hparams.batch_size), batch_size=None)
+
+
+class _RandomBatches(IterableDataset):
+    """`steps` dicts {name: (batch_size, d) float32}, rows drawn at random from each pool."""
+
+    def __init__(self, pools: dict[str, torch.Tensor], batch_size: int, steps: int, seed: int):
+        self.pools, self.batch_size, self.steps, self.seed = pools, batch_size, steps, seed
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.steps):
+            yield {name: pool[torch.randint(len(pool), (self.batch_size,), generator=g)].float()
+                   for name, pool in self.pools.items()}
+
+
+class _FixedBatches(IterableDataset):
+    """Every held-out vector once: dicts {name: (≤ batch_size, d)}; a name drops out when its pool is done."""
+
+    def __init__(self, pools: dict[str, torch.Tensor], batch_size: int):
+        self.pools, self.batch_size = pools, batch_size
+
+    def __len__(self) -> int:
+        return max(-(-len(p) // self.batch_size) for p in self.pools.values())
+
+    def __iter__(self):
+        for step in range(len(self)):
+            sl = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            yield {name: pool[sl] for name, pool in self.pools.items() if len(pool[sl])}

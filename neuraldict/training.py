@@ -1,0 +1,275 @@
+"""NeuralDict: learn CSR dictionaries by back-propagating through matching pursuit (paper §NeuralDict).
+
+One dictionary W_D per merged-layer group and per kind, stored with atoms as rows, (N, d_h / s_n).
+For a batch x of chunks (the paper's s_n split of each head vector):
+
+    r      = MP(x, W_D, s)                          # indices by argmax |⟨R, d⟩|; coefficients differentiable
+    L_MSE  = mean_x ‖x − W_D r‖²
+    L_div  = ‖I − W_D W_Dᵀ‖²_F / N²                 # Gram of the atoms
+    β      = clamp(0.1 · L̂_MSE / L̂_div, 0, 1)       # hats: detached values
+    L      = L_MSE + β · L_div
+
+and after every optimizer step each atom is renormalised to unit l2 norm. Dictionaries start from
+spherical k-means centroids (`kmeans.py`). Held-out relative error ‖x − x̂‖² / ‖x‖² is logged per
+dictionary as `val_rel_err/{kind}/group_{g}`. At the end of `fit` the dictionary file is exported.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from csr_runtime.dictionary_file import INDEX_LIMIT, KINDS, save_dictionary
+from csr_runtime.sparse_coding import _mp_batch, sparse_decode, sparse_encode, split_chunks
+from neuraldict.export import CHECKPOINT_KEY, _escape, structure_dictionary
+from neuraldict.kmeans import kmeans_dictionary
+
+
+def diversity_loss(dictionary: torch.Tensor) -> torch.Tensor:
+    """L_div = ‖I − W_Dᵀ W_D‖²_F / N² for atoms as rows: dictionary (N, d)."""
+    n = dictionary.shape[0]
+    gram = dictionary @ dictionary.T
+    return ((torch.eye(n, dtype=gram.dtype, device=gram.device) - gram) ** 2).sum() / n**2
+
+
+def neuraldict_loss(x: torch.Tensor, dictionary: torch.Tensor, s: int, diversity_scale: float = 0.1):
+    """x: (n, d) chunks, dictionary: (N, d) → (L, L_MSE, L_div, β) with the paper's adaptive β."""
+    idx, coef = _mp_batch(x, dictionary, s)  # differentiable through coef and residuals
+    mse = ((x - sparse_decode(idx, coef, dictionary)) ** 2).sum(-1).mean()
+    div = diversity_loss(dictionary)
+    beta = (diversity_scale * mse.detach() / div.detach().clamp_min(1e-12)).clamp(0.0, 1.0)
+    return mse + beta * div, mse, div, beta
+
+
+class NeuralDict(L.LightningModule):
+    def __init__(
+        self,
+        n_atoms: int = 1024,
+        sparsity_keys: int = 4,
+        sparsity_values: int = 2,
+        s_n_keys: int = 1,
+        s_n_values: int = 2,
+        learning_rate: float = 1e-3,
+        diversity_scale: float = 0.1,
+        kmeans_iterations: int = 20,
+        kmeans_vectors: int = 65536,
+        export_path: str | None = None,
+    ):
+        """
+        Args:
+            n_atoms: atoms N per dictionary (the paper: 8192 or 16384 for 7B models; int16 caps it below 32768).
+            sparsity_keys: MP sparsity s used in training for keys (per chunk).
+            sparsity_values: MP sparsity s used in training for values (per chunk).
+            s_n_keys: chunks per key head vector (paper: 1).
+            s_n_values: chunks per value head vector (paper: 2).
+            learning_rate: Adam learning rate.
+            diversity_scale: the 0.1 in β = clamp(0.1 · L_MSE / L_div, 0, 1).
+            kmeans_iterations: iterations of the k-means initialisation.
+            kmeans_vectors: training vectors (chunks) per dictionary used by the k-means initialisation.
+            export_path: where the dictionary file goes (default: `dictionary.safetensors` in the run folder).
+        """
+        super().__init__()
+        for name, s in (("sparsity_keys", sparsity_keys), ("sparsity_values", sparsity_values)):
+            if s < 1:
+                raise ValueError(f"{name} must be >= 1, got {s}")
+            if n_atoms < s:
+                raise ValueError(f"n_atoms = {n_atoms} must be at least {name} = {s}")
+        for name, s_n in (("s_n_keys", s_n_keys), ("s_n_values", s_n_values)):
+            if s_n < 1:
+                raise ValueError(f"{name} must be >= 1, got {s_n}")
+        if not 1 <= n_atoms < INDEX_LIMIT:
+            raise ValueError(f"n_atoms = {n_atoms} is outside 1..{INDEX_LIMIT - 1}, the range of int16 indices")
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+        self.save_hyperparameters()
+        self.dictionaries = torch.nn.ParameterDict()
+        self.structure: dict = {}
+        self.initial_errors: dict[str, float] = {}
+        self._val_sums: dict[str, torch.Tensor] = {}
+
+    # -- structure -------------------------------------------------------------------------------
+    def sparsity(self, kind: str) -> int:
+        return self.hparams.sparsity_keys if kind == "keys" else self.hparams.sparsity_values
+
+    def s_n(self, kind: str) -> int:
+        return self.hparams.s_n_keys if kind == "keys" else self.hparams.s_n_values
+
+    def chunks(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """(n, d_h) head vectors → (n · s_n, d_h / s_n) chunks for the dictionary `name`."""
+        return split_chunks(x, self.s_n(name.split("/")[0])).flatten(0, 1)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        head_dim = dm.fingerprint.head_dim
+        for kind in KINDS:
+            if head_dim % self.s_n(kind):
+                raise ValueError(f"head_dim = {head_dim} is not divisible by s_n_{kind} = {self.s_n(kind)}")
+        self.structure = {
+            "model": asdict(dm.fingerprint),
+            **{kind: {"s_n": self.s_n(kind), "sparsity": self.sparsity(kind), "layer_to_group": dm.layer_to_group[kind],
+                      "n_atoms": self.hparams.n_atoms} for kind in KINDS},
+        }
+        if len(self.dictionaries):
+            return
+        g = torch.Generator().manual_seed(0)
+        for name, pool in dm.train_pools.items():
+            chunks = self.chunks(name, pool)
+            sample = chunks[torch.randperm(len(chunks), generator=g)[: self.hparams.kmeans_vectors]].float()
+            if len(sample) < self.hparams.n_atoms:
+                raise ValueError(f"{name} has {len(sample)} training chunks, fewer than n_atoms = {self.hparams.n_atoms}: "
+                                 f"collect more tokens (data.train_tokens) or lower model.n_atoms")
+            atoms = kmeans_dictionary(sample, self.hparams.n_atoms, iterations=self.hparams.kmeans_iterations)
+            self.dictionaries[_escape(name)] = torch.nn.Parameter(atoms)
+        with torch.no_grad():
+            for name, pool in dm.val_pools.items():
+                self.initial_errors[name] = self._relative_error(name, pool)
+
+    def dictionary(self, name: str) -> torch.Tensor:
+        return self.dictionaries[_escape(name)]
+
+    def _relative_error(self, name: str, vectors: torch.Tensor) -> float:
+        x = self.chunks(name, vectors.to(self.device, torch.float32))
+        D = self.dictionary(name)
+        idx, coef = sparse_encode(x, D.detach(), s=self.sparsity(name.split("/")[0]))
+        return float(((x - sparse_decode(idx, coef, D)) ** 2).sum() / (x**2).sum())
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        total, rel = 0.0, []
+        for name, vectors in batch.items():
+            x = self.chunks(name, vectors)
+            loss, mse, div, beta = neuraldict_loss(x, self.dictionary(name), self.sparsity(name.split("/")[0]),
+                                                    self.hparams.diversity_scale)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss for dictionary {name} at step {self.global_step} "
+                    f"(L_MSE={mse.item():.4g}, L_div={div.item():.4g}): lower model.learning_rate"
+                )
+            total = total + loss
+            rel.append(mse.detach() / (x**2).sum(-1).mean())
+        self.log("train_rel_err", torch.stack(rel).mean(), prog_bar=True)
+        self.log("train_loss", total.detach() / len(batch))
+        return total
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        with torch.no_grad():  # the paper renormalises every atom after each update
+            for p in self.dictionaries.values():
+                p.copy_(torch.nn.functional.normalize(p, dim=-1))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+
+    # -- held-out error --------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = {}
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        for name, vectors in batch.items():
+            x = self.chunks(name, vectors)
+            D = self.dictionary(name)
+            idx, coef = sparse_encode(x, D, s=self.sparsity(name.split("/")[0]))
+            sums = torch.stack([((x - sparse_decode(idx, coef, D)) ** 2).sum(), (x**2).sum()])
+            self._val_sums[name] = self._val_sums.get(name, 0) + sums
+
+    def on_validation_epoch_end(self) -> None:
+        per_kind = {kind: [] for kind in KINDS}
+        for name, (err, norm) in self._val_sums.items():
+            rel = err / norm
+            self.log(f"val_rel_err/{name}", rel)
+            per_kind[name.split("/")[0]].append(rel)
+        for kind, values in per_kind.items():
+            if values:
+                self.log(f"val_rel_err_{kind}", torch.stack(values).mean(), prog_bar=True)
+
+    # -- checkpoints and export ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.structure
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved is None:
+            raise ValueError("this checkpoint was not written by NeuralDict (no dictionary structure in it)")
+        if self.structure and saved != self.structure:
+            diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {self.structure.get(k)!r}"
+                     for k in sorted(set(saved) | set(self.structure)) if saved.get(k) != self.structure.get(k)]
+            raise ValueError("the checkpoint was trained for another model or config; " + "; ".join(diffs))
+
+    def export(self, path: str | Path) -> Path:
+        atoms = {name: self.dictionary(name) for name in self._names()}
+        dm = self.trainer.datamodule
+        provenance = {"trainer": "NeuralDict", "corpus": dm.hparams.corpus, "train_tokens": dm.hparams.train_tokens,
+                      "global_step": self.global_step, "hparams": dict(self.hparams)}
+        return save_dictionary(path, structure_dictionary(atoms, self.structure, provenance))
+
+    def _names(self) -> list[str]:
+        return [f"{kind}/group_{g}" for kind in KINDS for g in range(max(self.structure[kind]["layer_to_group"]) + 1)]
+
+    @rank_zero_only
+    def on_fit_end(self) -> None:
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        path = Path(self.hparams.export_path) if self.hparams.export_path else out_dir / "dictionary.safetensors"
+        self.export(path)
+        report_dir = path.parent
+        rows = self._summary_rows()
+        _write_summary(rows, report_dir)
+        dm = self.trainer.datamodule
+        if dm.divergences:
+            from neuraldict.merge import plot_divergence
+
+            plot_divergence(dm.divergences, dm.layer_to_group, report_dir / "layer_divergence.png")
+            for kind, matrix in dm.divergences.items():
+                np.savetxt(report_dir / f"divergence_{kind}.csv", matrix, delimiter=",", fmt="%.4f")
+        _print_summary(rows)
+        print(f"\nDictionary file: {path}\nReport: {report_dir / 'summary.md'}")
+
+    def _summary_rows(self) -> list[dict]:
+        dm = self.trainer.datamodule
+        rows = []
+        with torch.no_grad():
+            for name in self._names():
+                kind = name.split("/")[0]
+                layers = dm.layers_of(name)
+                rows.append({"dictionary": name, "layers": f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0]),
+                             "N": self.hparams.n_atoms, "s": self.sparsity(kind), "s_n": self.s_n(kind),
+                             "kmeans_rel_err": self.initial_errors.get(name, float("nan")),
+                             "neuraldict_rel_err": self._relative_error(name, dm.val_pools[name])})
+        return rows
+
+
+def _write_summary(rows: list[dict], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()) + " |" for r in rows]
+    (folder / "summary.md").write_text("Held-out relative error ‖x − x̂‖² / ‖x‖² (MP at the training sparsity)\n\n" + "\n".join(lines) + "\n")
+
+
+def _print_summary(rows: list[dict]) -> None:
+    print("\nHeld-out relative error (MP, training sparsity)")
+    print(f"{'dictionary':<18}{'layers':>8}{'s':>4}{'s_n':>5}{'k-means':>10}{'NeuralDict':>12}{'ratio':>8}")
+    for r in rows:
+        ratio = r["neuraldict_rel_err"] / r["kmeans_rel_err"] if r["kmeans_rel_err"] else float("nan")
+        print(f"{r['dictionary']:<18}{r['layers']:>8}{r['s']:>4}{r['s_n']:>5}{r['kmeans_rel_err']:>10.4f}"
+              f"{r['neuraldict_rel_err']:>12.4f}{ratio:>8.3f}")
+    for kind in KINDS:
+        sel = [r for r in rows if r["dictionary"].startswith(kind)]
+        k, n = np.mean([r["kmeans_rel_err"] for r in sel]), np.mean([r["neuraldict_rel_err"] for r in sel])
+        print(f"{kind:<6} mean over {len(sel)} dictionaries: k-means {k:.4f} → NeuralDict {n:.4f} ({n / k:.3f}×)")
+
+
+def run_lightning_cli(args: list[str] | None = None) -> LightningCLI:
+    from neuraldict.data import KVDataModule
+
+    return LightningCLI(NeuralDict, KVDataModule, args=args, seed_everything_default=0,
+                        save_config_kwargs={"overwrite": True})
