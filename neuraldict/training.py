@@ -24,7 +24,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
 
 from csr_runtime.dictionary_file import INDEX_LIMIT, KINDS, save_dictionary
 from csr_runtime.sparse_coding import _mp_batch, sparse_decode, sparse_encode, split_chunks
@@ -183,11 +182,11 @@ class NeuralDict(L.LightningModule):
         per_kind = {kind: [] for kind in KINDS}
         for name, (err, norm) in self._val_sums.items():
             rel = err / norm
-            self.log(f"val_rel_err/{name}", rel)
+            self.log(f"val_rel_err/{name}", rel, sync_dist=True)
             per_kind[name.split("/")[0]].append(rel)
         for kind, values in per_kind.items():
             if values:
-                self.log(f"val_rel_err_{kind}", torch.stack(values).mean(), prog_bar=True)
+                self.log(f"val_rel_err_{kind}", torch.stack(values).mean(), prog_bar=True, sync_dist=True)
 
     # -- checkpoints and export ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -212,9 +211,12 @@ class NeuralDict(L.LightningModule):
     def _names(self) -> list[str]:
         return [f"{kind}/group_{g}" for kind in KINDS for g in range(max(self.structure[kind]["layer_to_group"]) + 1)]
 
-    @rank_zero_only
     def on_fit_end(self) -> None:
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP: every rank
+        if self.trainer.is_global_zero:
+            self._export_with_report(out_dir)
+
+    def _export_with_report(self, out_dir: Path) -> None:
         path = Path(self.hparams.export_path) if self.hparams.export_path else out_dir / "dictionary.safetensors"
         self.export(path)
         report_dir = path.parent

@@ -1,0 +1,175 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from csr_runtime.dictionary_file import load_dictionary
+from neuraldict.merge import divergence_matrix, group_layers
+from neuraldict.models import load_model, model_fingerprint
+from neuraldict.training import NeuralDict, diversity_loss, neuraldict_loss, run_lightning_cli
+from tests.test_sparse_coding import reference_mp, unit_dictionary
+
+
+def test_in_loss_mp_equals_reference_mp():
+    D = unit_dictionary(48, 12, seed=7)
+    x = torch.randn(30, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    _, mse, _, _ = neuraldict_loss(x, D, 4)
+    idx, coef = reference_mp(x.numpy(), D.numpy(), 4)
+    x_hat = np.einsum("ns,nsd->nd", coef, D.numpy()[idx])
+    expected = ((x.numpy() - x_hat) ** 2).sum(-1).mean()
+    assert abs(mse.item() - expected) < 1e-6 * max(1.0, expected)
+
+
+def test_gradients_flow_through_matching_pursuit():
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    D0 = unit_dictionary(9, 5, seed=1)
+
+    def mse(D):
+        return neuraldict_loss(x, D, 3)[1]
+
+    assert torch.autograd.gradcheck(mse, (D0.clone().requires_grad_(),), eps=1e-6, atol=1e-5)
+    D = D0.clone().requires_grad_()
+    mse(D).backward()
+    assert D.grad.abs().sum() > 0
+
+
+def test_diversity_term_equals_its_formula():
+    D = unit_dictionary(20, 6, seed=3)  # atoms as rows; the paper's W_D = Dᵀ
+    W = D.T
+    expected = ((torch.eye(20, dtype=torch.float64) - W.T @ W) ** 2).sum() / 20**2
+    torch.testing.assert_close(diversity_loss(D), expected)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    assert diversity_loss(Q.T).item() < 1e-20  # orthonormal atoms: no penalty
+
+
+def test_adaptive_beta_is_clamped():
+    D = unit_dictionary(16, 4, seed=2)
+    big = torch.randn(8, 4, dtype=torch.float64) * 100
+    small = torch.randn(8, 4, dtype=torch.float64) * 1e-4
+    _, mse, div, beta = neuraldict_loss(big, D, 2)
+    assert beta.item() == 1.0
+    _, mse, div, beta = neuraldict_loss(small, D, 2)
+    assert 0 < beta.item() < 1 and abs(beta.item() - 0.1 * mse.item() / div.item()) < 1e-12
+
+
+def test_merging_groups_equal_distributions_and_splits_different_ones():
+    # Two distributions that differ in their mean direction, as KV distributions of distant layers do.
+    g = torch.Generator().manual_seed(0)
+    scale = torch.linspace(2, 0.1, 16)
+    mean_a, mean_b = torch.zeros(16), torch.zeros(16)
+    mean_a[0], mean_b[1] = 3.0, 3.0
+    make = lambda mean: torch.randn(6000, 16, generator=g) * scale + mean
+    layers = [make(mean_a), make(mean_a), make(mean_a), make(mean_b), make(mean_b)]
+    M = divergence_matrix(layers, bins=50)
+    assert M[0, 1] < 0.2 and M[3, 4] < 0.2 and M[2, 3] > 0.5
+    assert group_layers(M, delta1=0.2, delta2=0.4) == [0, 0, 0, 1, 1]
+    assert group_layers(M, delta1=0.2, delta2=0.0) == [0, 1, 2, 3, 4]  # δ2 = 0 forbids any merge
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_atoms=2, sparsity_keys=4), "n_atoms = 2 must be at least sparsity_keys = 4"),
+    (dict(sparsity_values=0), "sparsity_values must be >= 1"),
+    (dict(n_atoms=40000), "outside 1..32767"),
+    (dict(s_n_values=0), "s_n_values must be >= 1"),
+])
+def test_bad_config_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NeuralDict(**kwargs)
+
+
+def test_non_finite_loss_names_the_dictionary():
+    module = NeuralDict(n_atoms=8, sparsity_keys=2)
+    module.dictionaries["keys__group_3"] = torch.nn.Parameter(unit_dictionary(8, 16, dtype=torch.float32))
+    batch = {"keys/group_3": torch.full((4, 16), float("nan"))}
+    with pytest.raises(FloatingPointError, match="dictionary keys/group_3 at step 0"):
+        module.training_step(batch, 0)
+
+
+import lightning as L  # noqa: E402
+
+
+class AssertUnitNorm(L.Callback):
+    """Fails the run if any atom is not unit norm after a training step; counts the steps it checked."""
+
+    def __init__(self):
+        self.checked = 0
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        for p in pl_module.dictionaries.values():
+            norms = p.detach().norm(dim=-1)
+            assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), "atoms not renormalised"
+        self.checked += 1
+
+
+def tiny_fit_args(model_dir, out, *extra):
+    return [
+        "fit", "--config", "configs/llama.yaml",
+        "--data.model", str(model_dir), "--data.train_tokens", "1024", "--data.val_tokens", "256",
+        "--data.window", "64", "--data.batch_size", "64", "--data.batches_per_epoch", "3",
+        "--data.merge_sample", "512", "--data.max_val_vectors", "128",
+        "--model.n_atoms", "32", "--model.kmeans_iterations", "3",
+        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(out),
+        "--trainer.logger.init_args.save_dir", str(out), "--trainer.enable_progress_bar", "false",
+        *extra,
+    ]
+
+
+def test_fit_exports_a_loadable_dictionary_and_resumes(tiny_model_dir, other_tiny_model_dir, tmp_path, capsys):
+    cli = run_lightning_cli(tiny_fit_args(tiny_model_dir, tmp_path / "run",
+                                          "--trainer.callbacks+=tests.test_training.AssertUnitNorm"))
+    checks = [c for c in cli.trainer.callbacks if type(c).__name__ == "AssertUnitNorm"]
+    assert cli.trainer.global_step == 3 and checks and checks[0].checked == 3
+    out = capsys.readouterr().out
+    assert "Dictionary file:" in out and "mean over" in out
+    path = Path(out.split("Dictionary file: ")[1].split()[0])
+    lm, _ = load_model(str(tiny_model_dir))
+    dictionary = load_dictionary(path, model=model_fingerprint(lm, str(tiny_model_dir)))
+    assert len(dictionary.keys.layer_to_group) == 3 and dictionary.values.s_n == 2
+    assert dictionary.keys.atoms[0].shape == (32, 16) and dictionary.values.atoms[0].shape == (32, 8)
+    assert (path.parent / "summary.csv").is_file() and (path.parent / "layer_divergence.png").is_file()
+
+    # Export on demand from the last checkpoint gives the same atoms.
+    from neuraldict.export import export_checkpoint
+
+    last = next((tmp_path / "run").rglob("last.ckpt"))
+    exported = load_dictionary(export_checkpoint(str(last), str(tmp_path / "from_ckpt.safetensors")))
+    np.testing.assert_allclose(exported.keys.atoms[1], dictionary.keys.atoms[1], atol=1e-6)
+
+    # Resume: up to 3 epochs continues from step 3.
+    resumed = run_lightning_cli(tiny_fit_args(tiny_model_dir, tmp_path / "run2", "--trainer.max_epochs", "3",
+                                              "--ckpt_path", str(last)))
+    assert resumed.trainer.global_step == 9
+
+    # A checkpoint from another model is refused with a clear message. (LightningCLI restores the
+    # model's hyperparameters from the checkpoint itself; the data side is ours to check.)
+    with pytest.raises(ValueError, match="trained for another model or config.*n_layers"):
+        run_lightning_cli(tiny_fit_args(other_tiny_model_dir, tmp_path / "run3", "--ckpt_path", str(last)))
+
+
+def test_two_process_ddp_run_trains(tiny_model_dir, tmp_path):
+    out = tmp_path / "ddp"
+    args = tiny_fit_args(tiny_model_dir, out, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                         "--trainer.accelerator", "cpu")
+    run = subprocess.run([sys.executable, "-m", "neuraldict.cli", *args], capture_output=True, text=True, timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-3000:]
+    assert "GLOBAL_RANK: 1" in log and "distributed_backend=gloo" in log
+    checkpoint = torch.load(next(out.rglob("last.ckpt")), weights_only=True)
+    assert checkpoint["global_step"] == 3
+    dictionary = load_dictionary(Path(log.split("Dictionary file: ")[1].split()[0]))
+    assert len(dictionary.values.layer_to_group) == 3
+
+
+@pytest.mark.parametrize("config", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config):
+    text = config.read_text()
+    if "trainer:" in text:  # a LightningCLI config
+        cmd = [sys.executable, "-m", "neuraldict.cli", "fit", "--config", str(config), "--print_config"]
+    else:
+        cmd = [sys.executable, "-m", "neuraldict.cli", config.stem, "--config", str(config), "--print_config"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "model" in run.stdout
