@@ -45,8 +45,20 @@ def collect(
     print(collection)
 
 
+def export(ckpt_path: str, output: str | None = None) -> None:
+    """Write the dictionary file of a NeuralDict checkpoint (any epoch, e.g. last.ckpt).
+
+    Args:
+        ckpt_path: a checkpoint written by `lightning fit --config configs/llama.yaml`.
+        output: where to write (default: next to the checkpoint, with the .safetensors suffix).
+    """
+    from neuraldict.export import export_checkpoint
+
+    print(export_checkpoint(ckpt_path, output))
+
+
 def lightning_main(args: list[str] | None = None) -> None:
-    """The `lightning` console script: a LightningCLI over NeuralDict (training lands with issue #3)."""
+    """The `lightning` console script: a LightningCLI over NeuralDict and the KV DataModule."""
     from neuraldict.training import run_lightning_cli
 
     run_lightning_cli(args)
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         return lightning_main(argv)
     from jsonargparse import CLI
 
-    CLI({"collect": collect}, args=argv, as_positional=False)
+    CLI({"collect": collect, "export": export}, args=argv, as_positional=False)
 
 
 if __name__ == "__main__":

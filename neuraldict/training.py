@@ -47,6 +47,34 @@ def neuraldict_loss(x: torch.Tensor, dictionary: torch.Tensor, s: int, diversity
     return mse + beta * div, mse, div, beta
 
 
+@torch.no_grad()
+def renormalise_atoms(dictionary: torch.Tensor) -> None:
+    """In place: every atom (row) back to unit l2 norm, as the paper does after each update."""
+    dictionary.copy_(torch.nn.functional.normalize(dictionary, dim=-1))
+
+
+def train_dictionary(
+    x: torch.Tensor, init: torch.Tensor, *, s: int, steps: int, batch_size: int = 1024,
+    learning_rate: float = 1e-3, diversity_scale: float = 0.1, seed: int = 0,
+) -> torch.Tensor:
+    """NeuralDict for one dictionary without Lightning (benchmarks, baselines comparison).
+
+    x: (n, d) training chunks, init: (N, d) unit rows → trained (N, d) unit rows. Same loss, optimiser
+    and renormalisation as the `NeuralDict` LightningModule.
+    """
+    dictionary = torch.nn.Parameter(init.clone().float())
+    optimizer = torch.optim.Adam([dictionary], lr=learning_rate)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        batch = x[torch.randint(len(x), (batch_size,), generator=g)].float()
+        loss = neuraldict_loss(batch, dictionary, s, diversity_scale)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        renormalise_atoms(dictionary)
+    return dictionary.detach()
+
+
 class NeuralDict(L.LightningModule):
     def __init__(
         self,
@@ -159,9 +187,8 @@ class NeuralDict(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():  # the paper renormalises every atom after each update
-            for p in self.dictionaries.values():
-                p.copy_(torch.nn.functional.normalize(p, dim=-1))
+        for p in self.dictionaries.values():
+            renormalise_atoms(p)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)

@@ -1,0 +1,385 @@
+"""`CSRCache`: a `transformers` Cache that holds the KV cache as CSR codes (paper §Inference).
+
+Each layer's cache (`CSRLayer`, a `CacheLayerMixin` as `QuantizedLayer` is) stores, per token and KV
+head, `s` int16 atom indices and `s` coefficients (fp16, or fp8 as an option) for the key, and
+`s_n · s_v` of each for the value. Keys are coded **before RoPE**: the attention hands the cache
+rotated keys, the cache un-rotates them with the model's own rotary embedding, codes them, and
+rotates the reconstruction again when the keys are read.
+
+Per layer and per batch row the dictionary is
+
+    offline atoms (the dictionary file, shared by the layers of a merged group)
+  + online atoms  (head vectors of the prompt itself, normalised: "reverse" takes the most recent
+                   first, as the paper's reverse sequential sampling; "uniform" samples at random)
+  + guard atoms   (vectors whose relative MP residual stays above `guard_threshold`, stored as their
+                   own atom so they are reproduced almost exactly; prefill and decode alike)
+
+and the newest `window` tokens can be kept in full precision (as KIVI and Lexico do). Left padding is
+recognised from `position_ids` (a row's real tokens start at its last position 0): padding never
+becomes an online or guard atom. Every tensor the cache holds is counted by `memory_bytes()`.
+
+Where we depart from the paper: it leaves the guard rule open; ours is the residual threshold above.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from csr_runtime.dictionary_file import INDEX_LIMIT, DictionaryFile, ModelFingerprint, load_dictionary
+from csr_runtime.rope import rope_cos_sin, rotate, unrotate
+from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
+
+Sampling = Literal["reverse", "uniform"]
+
+
+@dataclass
+class CSRSettings:
+    """How a layer codes: shared by every layer of a `CSRCache`."""
+
+    sparsity_keys: int
+    sparsity_values: int  # per chunk
+    s_n_values: int
+    method: Method = "mp"
+    online_atoms: int = 256  # per layer, kind and batch row
+    online_sampling: Sampling = "reverse"
+    guard_atoms: int = 256
+    guard_threshold: float = 0.3  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
+    window: int = 0  # newest tokens kept in full precision
+    coef_dtype: torch.dtype = torch.float16
+    seed: int = 0
+
+
+@dataclass
+class _KindStore:
+    """Codes and per-row extra atoms of one kind (keys or values) in one layer."""
+
+    offline: torch.Tensor  # (N_off, w) float32, shared with the other layers of the group
+    extra: torch.Tensor | None = None  # (B, M, w) float16: online + guard atoms per row (zeros unused)
+    n_extra: list[int] = field(default_factory=list)  # used extra atoms per row
+    n_online: list[int] = field(default_factory=list)
+    idx: torch.Tensor | None = None  # (B, H, T, k) int16
+    coef: torch.Tensor | None = None  # (B, H, T, k) coef_dtype
+
+
+class CSRLayer(CacheLayerMixin):
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int, key_atoms: torch.Tensor, value_atoms: torch.Tensor, rotary_emb, settings: CSRSettings):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.settings = settings
+        self.rotary_emb = rotary_emb
+        self.stores = {"keys": _KindStore(key_atoms), "values": _KindStore(value_atoms)}
+        self.n_pad: torch.Tensor | None = None  # (B,) leading padding tokens per row
+        self.n_coded = 0
+        self.stats = {"guard_atoms": 0, "atoms_refused": 0, "vectors_coded": 0}
+
+    # -- protocol ---------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        B, H, _, d = key_states.shape
+        self.keys = key_states.new_zeros(B, H, 0, d)  # the full-precision window (post-RoPE keys)
+        self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        for store in self.stores.values():
+            store.offline = store.offline.to(self.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """key_states, value_states: (B, H, T, d_h), keys after RoPE → all keys/values of the sequence so far."""
+        if not torch.isfinite(key_states).all() or not torch.isfinite(value_states).all():
+            raise ValueError(f"layer {self.layer_idx}: non-finite keys or values reached the CSR cache")
+        positions = _position_ids(kwargs, key_states, self.get_seq_length())
+        prefill = not self.is_initialized
+        if prefill:
+            self.lazy_initialization(key_states, value_states)
+            self.n_pad = _leading_padding(positions)
+        self._check_positions(positions)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        overflow = self.keys.shape[-2] - self.settings.window
+        if overflow > 0:
+            old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
+            self.keys, self.values = self.keys[..., overflow:, :], self.values[..., overflow:, :]
+            self._code(old_k, old_v, build_online=prefill)
+        return torch.cat([self._decoded_keys(), self.keys], dim=-2), torch.cat([self._decoded_values(), self.values], dim=-2)
+
+    def get_seq_length(self) -> int:
+        return 0 if not self.is_initialized else self.n_coded + self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # -- positions --------------------------------------------------------------------------------
+    def _positions(self, start: int, length: int) -> torch.Tensor:
+        """(B, length) RoPE positions of sequence slots start..start+length-1 (padding slots: 0)."""
+        t = torch.arange(start, start + length, device=self.device)
+        return (t[None] - self.n_pad[:, None]).clamp_min(0)
+
+    def _check_positions(self, positions: torch.Tensor) -> None:
+        start = self.n_coded + self.keys.shape[-2]
+        expected = self._positions(start, positions.shape[1])
+        real = torch.arange(start, start + positions.shape[1], device=self.device)[None] >= self.n_pad[:, None]
+        if not torch.equal(positions[real], expected[real]):
+            raise ValueError(
+                f"layer {self.layer_idx}: position_ids do not continue the cached sequence (expected row-wise "
+                f"positions counting from each row's first real token); CSRCache supports left padding only"
+            )
+
+    # -- coding -----------------------------------------------------------------------------------
+    def _code(self, keys_rotated: torch.Tensor, values: torch.Tensor, *, build_online: bool) -> None:
+        """Code (B, H, T, d) post-RoPE keys and values of sequence slots n_coded..n_coded+T-1 and append."""
+        B, H, T, d = keys_rotated.shape
+        cos, sin = rope_cos_sin(self.rotary_emb, self._positions(self.n_coded, T), torch.float32)
+        keys = unrotate(keys_rotated.float(), cos, sin)
+        real = torch.arange(self.n_coded, self.n_coded + T, device=self.device)[None] >= self.n_pad[:, None]  # (B, T)
+        s = self.settings
+        for kind, x, k, s_n in (("keys", keys, s.sparsity_keys, 1), ("values", values.float(), s.sparsity_values, s.s_n_values)):
+            chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
+            store = self.stores[kind]
+            if build_online:
+                self._add_online(store, chunks, real)
+            idx, coef = self._encode_rows(store, chunks, k)  # (B, H, T, s_n·k)
+            idx, coef = self._guard(store, chunks, real, idx, coef, k)
+            store.idx = idx.to(torch.int16) if store.idx is None else torch.cat([store.idx, idx.to(torch.int16)], dim=2)
+            c = coef.to(s.coef_dtype)
+            store.coef = c if store.coef is None else torch.cat([store.coef, c], dim=2)
+        self.n_coded += T
+        self.stats["vectors_coded"] += B * H * T
+
+    def _row_dictionary(self, store: _KindStore, b: int) -> torch.Tensor:
+        if store.extra is None or store.n_extra[b] == 0:
+            return store.offline
+        return torch.cat([store.offline, store.extra[b, : store.n_extra[b]].float()])
+
+    def _encode_rows(self, store: _KindStore, chunks: torch.Tensor, k: int):
+        B, H, T, s_n, w = chunks.shape
+        idx, coef = [], []
+        for b in range(B):
+            i, c = sparse_encode(chunks[b].reshape(-1, w), self._row_dictionary(store, b), s=k, method=self.settings.method)
+            idx.append(i.view(H, T, s_n * k))
+            coef.append(c.view(H, T, s_n * k))
+        return torch.stack(idx), torch.stack(coef)
+
+    def _append_atoms(self, store: _KindStore, b: int, atoms: torch.Tensor) -> int:
+        """Append unit-normalised atoms to row b's extra part, within the int16 index range. Returns how many."""
+        B = self.n_pad.shape[0]
+        if store.extra is None:
+            store.extra = torch.zeros(B, 0, store.offline.shape[1], dtype=torch.float16, device=self.device)
+            store.n_extra, store.n_online = [0] * B, [0] * B
+        room = INDEX_LIMIT - 1 - store.offline.shape[0] - store.n_extra[b]
+        take = min(len(atoms), max(room, 0))
+        self.stats["atoms_refused"] += len(atoms) - take
+        if take == 0:
+            return 0
+        need = store.n_extra[b] + take - store.extra.shape[1]
+        if need > 0:
+            store.extra = torch.cat([store.extra, store.extra.new_zeros(B, need, store.extra.shape[2])], dim=1)
+        unit = torch.nn.functional.normalize(atoms[:take].float(), dim=-1)
+        store.extra[b, store.n_extra[b] : store.n_extra[b] + take] = unit.to(torch.float16)
+        store.n_extra[b] += take
+        return take
+
+    def _add_online(self, store: _KindStore, chunks: torch.Tensor, real: torch.Tensor) -> None:
+        s = self.settings
+        if s.online_atoms <= 0:
+            return
+        g = torch.Generator().manual_seed(s.seed + self.layer_idx)
+        for b in range(chunks.shape[0]):
+            candidates = chunks[b][:, real[b]].transpose(0, 1).reshape(-1, chunks.shape[-1])  # (T_real·H·s_n, w), time-major
+            candidates = candidates[candidates.norm(dim=-1) > 0]
+            if s.online_sampling == "reverse":  # most recent first, going backwards
+                picked = candidates.flip(0)[: s.online_atoms]
+            else:
+                picked = candidates[torch.randperm(len(candidates), generator=g)[: s.online_atoms].to(candidates.device)]
+            self._append_atoms(store, b, picked)
+            store.n_online[b] = store.n_extra[b]
+
+    def _guard(self, store: _KindStore, chunks, real, idx, coef, k):
+        """Vectors whose relative residual stays above the threshold become guard atoms and are re-coded."""
+        s = self.settings
+        if s.guard_atoms <= 0:
+            return idx, coef
+        B, H, T, s_n, w = chunks.shape
+        for b in range(B):
+            used_guard = store.n_extra[b] - store.n_online[b] if store.extra is not None else 0
+            room = s.guard_atoms - used_guard
+            if room <= 0:
+                continue
+            x = chunks[b].reshape(-1, w)
+            x_hat = sparse_decode(idx[b].reshape(-1, k), coef[b].reshape(-1, k), self._row_dictionary(store, b))
+            rel = ((x - x_hat) ** 2).sum(-1) / (x**2).sum(-1).clamp_min(1e-30)
+            rel = rel.view(H, T, s_n).masked_fill(~real[b][None, :, None], 0).flatten()
+            worst = rel.argsort(descending=True)[:room]
+            worst = worst[rel[worst] > s.guard_threshold]
+            if len(worst) == 0:
+                continue
+            added = self._append_atoms(store, b, x[worst])
+            if added == 0:
+                continue
+            self.stats["guard_atoms"] += added
+            recode = worst[:added]
+            i, c = sparse_encode(x[recode], self._row_dictionary(store, b), s=k, method=s.method)
+            idx_b, coef_b = idx[b].reshape(-1, k).clone(), coef[b].reshape(-1, k).clone()
+            idx_b[recode], coef_b[recode] = i, c
+            idx[b], coef[b] = idx_b.view(H, T, s_n * k), coef_b.view(H, T, s_n * k)
+        return idx, coef
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def _decode(self, kind: str) -> torch.Tensor:
+        """(B, H, n_coded, d) float32 reconstruction of the coded part (keys before RoPE)."""
+        store = self.stores[kind]
+        if store.idx is None:
+            return None
+        B, H, T, kk = store.idx.shape
+        s_n = 1 if kind == "keys" else self.settings.s_n_values
+        k = kk // s_n
+        rows = []
+        for b in range(B):
+            D = self._row_dictionary(store, b)
+            x = sparse_decode(store.idx[b].long().view(H, T, s_n, k), store.coef[b].float().view(H, T, s_n, k), D)
+            rows.append(x.flatten(-2))
+        return torch.stack(rows)
+
+    def _decoded_keys(self) -> torch.Tensor:
+        keys = self._decode("keys")
+        if keys is None:
+            return self.keys[..., :0, :]
+        cos, sin = rope_cos_sin(self.rotary_emb, self._positions(0, self.n_coded), torch.float32)
+        return rotate(keys, cos, sin).to(self.dtype)
+
+    def _decoded_values(self) -> torch.Tensor:
+        values = self._decode("values")
+        return self.values[..., :0, :] if values is None else values.to(self.dtype)
+
+    # -- accounting -------------------------------------------------------------------------------
+    def held_tensors(self, include_offline: bool = False) -> list[torch.Tensor]:
+        """Every tensor this layer holds for the sequence (offline atoms only if asked: they are shared)."""
+        out = [t for t in (self.keys, self.values, self.n_pad) if t is not None]
+        for store in self.stores.values():
+            out += [t for t in (store.idx, store.coef, store.extra) if t is not None]
+            if include_offline:
+                out.append(store.offline)
+        return out
+
+
+def _position_ids(kwargs: dict, key_states: torch.Tensor, past: int) -> torch.Tensor:
+    """(B, T) RoPE positions of the new tokens, from the attention's kwargs (plain positions if absent)."""
+    inner = kwargs.get("kwargs") if isinstance(kwargs.get("kwargs"), dict) else kwargs
+    positions = inner.get("position_ids") if inner else None
+    B, _, T, _ = key_states.shape
+    if positions is None:
+        positions = torch.arange(past, past + T, device=key_states.device)
+    return positions.to(key_states.device).expand(B, T)
+
+
+def _leading_padding(positions: torch.Tensor) -> torch.Tensor:
+    """Left padding per row at prefill: a row's real tokens start at its last position 0."""
+    T = positions.shape[1]
+    is_zero = positions == 0
+    last_zero = torch.where(is_zero, torch.arange(T, device=positions.device), -1).max(dim=1).values
+    return last_zero.clamp_min(0)
+
+
+class CSRCache(Cache):
+    """A KV cache stored as CSR codes, for Llama-family `transformers` models.
+
+        cache = CSRCache(model, "dictionary.safetensors", sparsity=4)     # the paper's "CSR-4"
+        model.generate(**inputs, past_key_values=cache)
+
+    `sparsity=s` follows the paper's naming: keys with s atoms, values with s/2 atoms per chunk on
+    s_n = 2 chunks (the value dictionary's s_n). Or give `sparsity_keys` / `sparsity_values` directly.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dictionary: str | os.PathLike | DictionaryFile,
+        *,
+        sparsity: int | None = None,
+        sparsity_keys: int | None = None,
+        sparsity_values: int | None = None,
+        method: Method = "mp",
+        online_atoms: int = 256,
+        online_sampling: Sampling = "reverse",
+        guard_atoms: int = 256,
+        guard_threshold: float = 0.3,
+        window: int = 0,
+        coef_bits: Literal[8, 16] = 16,
+        model_id: str = "model",
+    ):
+        from neuraldict.models import check_supported, model_fingerprint
+
+        check_supported(model, model_id)
+        fingerprint: ModelFingerprint = model_fingerprint(model, model_id)
+        if not isinstance(dictionary, DictionaryFile):
+            dictionary = load_dictionary(dictionary, model=fingerprint)
+        else:
+            dictionary.check_model(fingerprint)
+        if dictionary.keys.s_n != 1:
+            raise ValueError(f"key dictionaries with s_n = {dictionary.keys.s_n} are not supported by CSRCache; use s_n = 1")
+        s_n_v = dictionary.values.s_n
+        if sparsity is not None:
+            if sparsity_keys is not None or sparsity_values is not None:
+                raise ValueError("give either sparsity (CSR-s naming) or sparsity_keys / sparsity_values, not both")
+            if sparsity % s_n_v:
+                raise ValueError(f"CSR-{sparsity} splits values into s_n = {s_n_v} chunks: sparsity must be a multiple of {s_n_v}")
+            sparsity_keys, sparsity_values = sparsity, sparsity // s_n_v
+        sparsity_keys = sparsity_keys or dictionary.keys.sparsity
+        sparsity_values = sparsity_values or dictionary.values.sparsity
+        if coef_bits not in (8, 16):
+            raise ValueError(f"coef_bits has to be one of [8, 16] but got {coef_bits}")
+        if online_sampling not in ("reverse", "uniform"):
+            raise ValueError(f"online_sampling has to be 'reverse' or 'uniform', got {online_sampling!r}")
+        self.settings = CSRSettings(
+            sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=s_n_v, method=method,
+            online_atoms=online_atoms, online_sampling=online_sampling, guard_atoms=guard_atoms,
+            guard_threshold=guard_threshold, window=window,
+            coef_dtype=torch.float16 if coef_bits == 16 else torch.float8_e4m3fn,
+        )
+        self.fingerprint = fingerprint
+        offline = {kind: [torch.from_numpy(a) for a in dictionary.kind(kind).atoms] for kind in ("keys", "values")}
+        layers = [
+            CSRLayer(l, offline["keys"][dictionary.keys.layer_to_group[l]], offline["values"][dictionary.values.layer_to_group[l]],
+                     model.model.rotary_emb, self.settings)
+            for l in range(fingerprint.n_layers)
+        ]
+        self._offline_atoms = [a for kind in offline.values() for a in kind]
+        super().__init__(layers=layers)
+
+    def memory_bytes(self, include_offline: bool = False) -> int:
+        """Bytes of every tensor the cache holds for this sequence (+ the shared offline dictionaries if asked)."""
+        total = sum(t.nbytes for layer in self.layers for t in layer.held_tensors())
+        if include_offline:
+            total += sum(a.nbytes for a in self._offline_atoms)
+        return total
+
+    def bits_per_channel(self, include_offline: bool = False) -> float:
+        """memory_bytes · 8 / (tokens · layers · 2 (K and V) · kv_heads · d_h), padding included."""
+        layer = self.layers[0]
+        if not layer.is_initialized:
+            return 0.0
+        fp = self.fingerprint
+        channels = layer.n_pad.shape[0] * layer.get_seq_length() * fp.n_layers * 2 * fp.n_kv_heads * fp.head_dim
+        return self.memory_bytes(include_offline) * 8 / channels
+
+    def nominal_bits_per_channel(self) -> float:
+        """32 · s · s_n / d_h for keys and values averaged: the codes alone, no dictionaries or window."""
+        s, d = self.settings, self.fingerprint.head_dim
+        code_bits = 16 + torch.finfo(s.coef_dtype).bits
+        return code_bits * (s.sparsity_keys + s.sparsity_values * s.s_n_values) / (2 * d)
+
+    def stats(self) -> dict[str, int]:
+        out = {}
+        for layer in self.layers:
+            for k, v in layer.stats.items():
+                out[k] = out.get(k, 0) + v
+        return out
