@@ -100,6 +100,10 @@ class CSRLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
             self.n_pad = _leading_padding(positions)
         self._check_positions(positions)
+        # The attention of this call sees the compressed past plus its own tokens exactly (as in
+        # transformers' QuantizedLayer); the new tokens are coded for later calls afterwards.
+        keys_out = torch.cat([self._decoded_keys(), self.keys, key_states], dim=-2)
+        values_out = torch.cat([self._decoded_values(), self.values, value_states], dim=-2)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         overflow = self.keys.shape[-2] - self.settings.window
@@ -107,7 +111,7 @@ class CSRLayer(CacheLayerMixin):
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
             self.keys, self.values = self.keys[..., overflow:, :], self.values[..., overflow:, :]
             self._code(old_k, old_v, build_online=prefill)
-        return torch.cat([self._decoded_keys(), self.keys], dim=-2), torch.cat([self._decoded_values(), self.values], dim=-2)
+        return keys_out, values_out
 
     def get_seq_length(self) -> int:
         return 0 if not self.is_initialized else self.n_coded + self.keys.shape[-2]

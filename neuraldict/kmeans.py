@@ -14,7 +14,7 @@ import torch
 
 @torch.no_grad()
 def kmeans_dictionary(
-    x: torch.Tensor, n_atoms: int, *, iterations: int = 20, seed: int = 0, chunk_size: int = 16384
+    x: torch.Tensor, n_atoms: int, *, iterations: int = 20, seed: int = 0, chunk_size: int = 2048
 ) -> torch.Tensor:
     """x: (n, d) → dictionary (n_atoms, d) with unit-norm rows (spherical sign-invariant k-means)."""
     if x.ndim != 2 or len(x) == 0:

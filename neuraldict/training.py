@@ -85,8 +85,8 @@ class NeuralDict(L.LightningModule):
         s_n_values: int = 2,
         learning_rate: float = 1e-3,
         diversity_scale: float = 0.1,
-        kmeans_iterations: int = 20,
-        kmeans_vectors: int = 65536,
+        kmeans_iterations: int = 10,
+        kmeans_vectors: int = 16384,
         export_path: str | None = None,
     ):
         """
