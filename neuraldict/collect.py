@@ -117,6 +117,7 @@ def collect_kv(
     )
     manifest_path = path / _MANIFEST
     if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("complete"):
+        print(f"KV collection already complete: {path}")
         return KVCollection(path)
 
     lm, tokenizer = load_model(model, device=device)
