@@ -40,6 +40,8 @@ def token_windows(tokenizer, docs: list[Document], *, window: int, max_tokens: i
     """
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
+    if max_tokens < window:
+        raise ValueError(f"max_tokens = {max_tokens} is smaller than one window of {window} tokens: raise it or lower window")
     sep = tokenizer.eos_token_id
     stream: list[int] = []
     for doc in docs:
