@@ -1,0 +1,63 @@
+"""Make an mlx-lm model folder from the embedded SmolLM2 or a local Hugging Face folder.
+
+mlx-lm loads Hugging Face Llama folders directly, with one catch this module fixes: transformers ≥ 5
+writes RoPE settings as `rope_parameters`, which mlx-lm does not read, so it would silently fall
+back to θ = 10 000 (SmolLM2 uses 100 000). The folder gets a config with `rope_theta` (and
+`rope_scaling`) spelled out. On a Mac with network, `mlx_lm.load("<hub id>")` also works directly.
+
+    python -m mlx_backend.convert --model smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from neuraldict.paths import cache_root
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+def mlx_model_dir(model: str = EMBEDDED_MODEL) -> Path:
+    """The mlx-lm folder for `model`, converted on first use (the embedded GGUF needs torch once)."""
+    source = Path(model)
+    target = cache_root() / "mlx" / (EMBEDDED_MODEL if model == EMBEDDED_MODEL else source.name)
+    if (target / "config.json").is_file():
+        return target
+    if model == EMBEDDED_MODEL:
+        from neuraldict.models import converted_embedded_model  # GGUF → safetensors, needs torch once
+
+        source = converted_embedded_model()
+    if not (source / "config.json").is_file():
+        raise ValueError(f"{model!r} is neither the embedded model nor a local Hugging Face folder; on a machine "
+                         f"with network, mlx_lm.load({model!r}) loads a hub id directly")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.is_file() and f.name != "config.json":
+            try:  # weights are large: link them where the file system allows it
+                (tmp / f.name).symlink_to(f.resolve())
+            except OSError:
+                shutil.copy2(f, tmp / f.name)
+    config = json.loads((source / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    config.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
+    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in config:
+        config["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Convert a model into an mlx-lm folder")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="the embedded alias or a local Hugging Face folder")
+    print(mlx_model_dir(p.parse_args(argv).model))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Generate text with an mlx-lm model whose KV cache is stored as CSR codes, next to a plain KVCache.
+
+    python -m mlx_backend.generate --dictionary runs/llama/.../dictionary.safetensors \
+        --prompt "The capital of France is" --max-tokens 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from mlx_backend.cache import cache_nbytes, make_csr_cache
+from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="embedded alias, local HF folder, or mlx-lm folder")
+    p.add_argument("--dictionary", required=True, help="dictionary file from `lightning fit`")
+    p.add_argument("--prompt", default="The three most important ideas of the Python language are")
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--sparsity", type=int, default=4, help="CSR-s: keys s atoms, values s/2 per chunk")
+    p.add_argument("--online-atoms", type=int, default=64)
+    p.add_argument("--guard-atoms", type=int, default=64)
+    p.add_argument("--window", type=int, default=0)
+    return p
+
+
+def run(model, tokenizer, prompt: str, prompt_cache, max_tokens: int):
+    from mlx_lm import stream_generate
+
+    started, text, n = time.perf_counter(), "", 0
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, prompt_cache=prompt_cache):
+        text += response.text
+        n = response.generation_tokens
+        tps = response.generation_tps
+    return text, tps, time.perf_counter() - started, n
+
+
+def main(argv=None) -> None:
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    args = setup_arg_parser().parse_args(argv)
+    model, tokenizer = load(str(mlx_model_dir(args.model)))
+    csr = make_csr_cache(model, args.dictionary, sparsity=args.sparsity, online_atoms=args.online_atoms,
+                         guard_atoms=args.guard_atoms, window=args.window, model_id=args.model)
+    text, tps, seconds, n = run(model, tokenizer, args.prompt, csr, args.max_tokens)
+    plain = make_prompt_cache(model)
+    plain_text, plain_tps, _, _ = run(model, tokenizer, args.prompt, plain, args.max_tokens)
+    print(f"{args.prompt}{text}\n")
+    print(f"CSR-{args.sparsity}: {tps:.1f} tokens/s, cache {cache_nbytes(csr) / 2**10:.1f} KiB "
+          f"| KVCache: {plain_tps:.1f} tokens/s, cache {sum(c.nbytes for c in plain) / 2**10:.1f} KiB")
+    print(f"KVCache text: {args.prompt}{plain_text}")
+
+
+if __name__ == "__main__":
+    main()

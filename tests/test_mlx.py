@@ -1,0 +1,121 @@
+"""The MLX runtime: kernel parity with torch, RoPE round trip, exactness, and parity with the torch runtime on SmolLM2."""
+
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+
+from csr_runtime.dictionary_file import DictionaryFile, KindDictionaries, ModelFingerprint, save_dictionary
+from csr_runtime.sparse_coding import sparse_encode as torch_encode
+from mlx_backend.cache import make_csr_cache, model_fingerprint
+from mlx_backend.rope import rotate, unrotate
+from mlx_backend.sparse_coding import sparse_decode, sparse_encode
+from tests.test_cache import orthonormal, random_atoms
+
+
+@pytest.mark.parametrize("method", ["mp", "omp"])
+def test_mp_and_omp_match_the_torch_kernels(method):
+    D = random_atoms(256, 32, 0)
+    x = np.random.default_rng(1).standard_normal((500, 32)).astype(np.float32)
+    i_mx, c_mx = sparse_encode(mx.array(x), mx.array(D), s=6, method=method)
+    i_t, c_t = torch_encode(torch.from_numpy(x), torch.from_numpy(D), s=6, method=method)
+    same = np.array(i_mx) == i_t.numpy()
+    assert same.all(axis=1).mean() > 0.99  # identical supports, float32 near-ties aside
+    rows = same.all(axis=1)
+    np.testing.assert_allclose(np.array(c_mx)[rows], c_t.numpy()[rows], atol=1e-4, rtol=1e-4)
+    x_hat = np.array(sparse_decode(i_mx, c_mx, mx.array(D)))
+    assert ((x - x_hat) ** 2).sum() < ((x) ** 2).sum()
+
+
+def test_unrotate_inverts_mlx_lm_rope():
+    rope = nn.RoPE(16, traditional=False, base=100000.0)
+    k = mx.random.normal((1, 2, 9, 16), key=mx.random.key(0))
+    np.testing.assert_allclose(np.array(unrotate(rope(k, offset=5), rope, 5)), np.array(k), atol=1e-5)
+    np.testing.assert_allclose(np.array(rotate(k, rope, 5)), np.array(rope(k, offset=5)), atol=1e-6)
+    with pytest.raises(ValueError, match="supports the plain nn.RoPE"):
+        rotate(k, nn.ALiBi(), 0)
+
+
+def tiny_mlx_llama(n_layers=2):
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    mx.random.seed(0)
+    args = ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=n_layers, intermediate_size=128,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                     vocab_size=128, rope_theta=10000.0)
+    model = Model(args)
+    mx.eval(model.parameters())
+    return model
+
+
+def test_complete_orthonormal_dictionary_reproduces_kvcache_logits():
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny_mlx_llama()
+    fp = model_fingerprint(model, "tiny")
+    dictionary = DictionaryFile(fp, KindDictionaries(1, 16, [0, 0], [orthonormal(16, 0)]),
+                                KindDictionaries(2, 8, [0, 1], [orthonormal(8, 1), orthonormal(8, 2)]))
+    csr = make_csr_cache(model, dictionary, online_atoms=0, guard_atoms=0, window=3)
+    plain = make_prompt_cache(model)
+    ids = mx.array(np.random.default_rng(0).integers(0, 128, (1, 20)))
+    for part in (ids[:, :12], ids[:, 12:17], ids[:, 17:18], ids[:, 18:]):
+        np.testing.assert_allclose(np.array(model(part, cache=csr)), np.array(model(part, cache=plain)), atol=2e-3)
+    assert csr[0].n_coded == 17 and csr[0].offset == 20
+
+
+def test_dictionary_for_another_model_is_rejected():
+    model = tiny_mlx_llama()
+    other = DictionaryFile(ModelFingerprint("x", 2, 2, 64, 10000.0), KindDictionaries(1, 2, [0, 0], [random_atoms(8, 64, 0)]),
+                           KindDictionaries(2, 1, [0, 0], [random_atoms(8, 32, 0)]))
+    with pytest.raises(ValueError, match="head_dim: dictionary has 64, model has 16"):
+        make_csr_cache(model, other)
+
+
+def test_importing_mlx_backend_without_mlx_says_how_to_install():
+    code = "import sys; sys.modules['mlx'] = None; sys.modules['mlx.core'] = None\nimport mlx_backend"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode != 0 and "pip install 'csr-neuraldict[mlx]'" in run.stderr
+
+
+def test_runtime_modules_do_not_import_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import mlx_backend.cache, mlx_backend.sparse_coding, mlx_backend.rope, mlx_backend.evaluate\n"
+            "print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.smollm2
+def test_smollm2_parity_with_the_torch_runtime(smollm2, tmp_path):
+    from mlx_lm import load
+
+    from csr_runtime.cache import CSRCache
+    from csr_runtime.evaluate import chunked_log_probs as torch_log_probs
+    from mlx_backend.convert import mlx_model_dir
+    from mlx_backend.evaluate import chunked_log_probs as mlx_log_probs
+    from neuraldict.models import model_fingerprint as torch_fingerprint
+
+    lm, tokenizer = smollm2
+    fp = torch_fingerprint(lm, "smollm2-135m-instruct")
+    dictionary = DictionaryFile(fp, KindDictionaries(1, 4, [0] * 30, [random_atoms(256, 64, 0)]),
+                                KindDictionaries(2, 2, [0] * 30, [random_atoms(256, 32, 1)]))
+    path = save_dictionary(tmp_path / "d.safetensors", dictionary)
+    model, _ = load(str(mlx_model_dir()))
+    assert model.args.rope_theta == fp.rope_theta  # the conversion spelled out rope_theta
+    text = "Python's dictionaries map keys to values; lookups take constant time on average, which makes them fast."
+    ids = tokenizer(text * 3, return_tensors="pt")["input_ids"][:, :80]
+    options = dict(sparsity=4, online_atoms=16, guard_atoms=16)
+    torch_cache = CSRCache(lm, path, **options)
+    mlx_cache = make_csr_cache(model, str(path), **options)
+    t = torch_log_probs(lm, ids, torch_cache, prefix=48, chunk=16)
+    t = t.gather(-1, ids[0, 48:, None]).squeeze(-1).numpy()
+    m = mlx_log_probs(model, ids[0].tolist(), mlx_cache, prefix=48, chunk=16)
+    same_idx = np.array(mlx_cache[0].stores["keys"].idx) == torch_cache.layers[0].stores["keys"].idx.numpy()
+    assert same_idx.mean() > 0.99
+    np.testing.assert_allclose(m, t, atol=0.1)
+    ppl_t, ppl_m = np.exp(-t.mean()), np.exp(-m.mean())
+    assert abs(ppl_m / ppl_t - 1) < 0.01, (ppl_t, ppl_m)
