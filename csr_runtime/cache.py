@@ -331,14 +331,7 @@ class CSRCache(Cache):
         if dictionary.keys.s_n != 1:
             raise ValueError(f"key dictionaries with s_n = {dictionary.keys.s_n} are not supported by CSRCache; use s_n = 1")
         s_n_v = dictionary.values.s_n
-        if sparsity is not None:
-            if sparsity_keys is not None or sparsity_values is not None:
-                raise ValueError("give either sparsity (CSR-s naming) or sparsity_keys / sparsity_values, not both")
-            if sparsity % s_n_v:
-                raise ValueError(f"CSR-{sparsity} splits values into s_n = {s_n_v} chunks: sparsity must be a multiple of {s_n_v}")
-            sparsity_keys, sparsity_values = sparsity, sparsity // s_n_v
-        sparsity_keys = sparsity_keys or dictionary.keys.sparsity
-        sparsity_values = sparsity_values or dictionary.values.sparsity
+        sparsity_keys, sparsity_values = dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
         if coef_bits not in (8, 16):
             raise ValueError(f"coef_bits has to be one of [8, 16] but got {coef_bits}")
         if online_sampling not in ("reverse", "uniform"):

@@ -81,6 +81,20 @@ class DictionaryFile:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         return self.keys if kind == "keys" else self.values
 
+    def resolve_sparsity(
+        self, sparsity: int | None = None, sparsity_keys: int | None = None, sparsity_values: int | None = None
+    ) -> tuple[int, int]:
+        """(s for keys, s per value chunk). `sparsity = s` is the paper's CSR-s: keys s, values s / s_n_V per chunk;
+        otherwise the given per-kind values, defaulting to the sparsities the dictionaries were trained at."""
+        if sparsity is not None:
+            if sparsity_keys is not None or sparsity_values is not None:
+                raise ValueError("give either sparsity (CSR-s naming) or sparsity_keys / sparsity_values, not both")
+            s_n = self.values.s_n
+            if sparsity % s_n:
+                raise ValueError(f"CSR-{sparsity} splits values into s_n = {s_n} chunks: sparsity must be a multiple of {s_n}")
+            return sparsity, sparsity // s_n
+        return sparsity_keys or self.keys.sparsity, sparsity_values or self.values.sparsity
+
     def check_model(self, model: ModelFingerprint, *, path: str | os.PathLike = "dictionary") -> None:
         """Raise ValueError if this dictionary was made for another architecture than `model`."""
         diffs = self.model.mismatches(model)

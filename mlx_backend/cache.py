@@ -233,16 +233,10 @@ def make_csr_cache(
         dictionary = load_dictionary(dictionary, model=fingerprint)
     else:
         dictionary.check_model(fingerprint)
-    s_n_v = dictionary.values.s_n
-    if sparsity is not None:
-        if sparsity_keys is not None or sparsity_values is not None:
-            raise ValueError("give either sparsity (CSR-s naming) or sparsity_keys / sparsity_values, not both")
-        if sparsity % s_n_v:
-            raise ValueError(f"CSR-{sparsity} splits values into s_n = {s_n_v} chunks: sparsity must be a multiple of {s_n_v}")
-        sparsity_keys, sparsity_values = sparsity, sparsity // s_n_v
+    sparsity_keys, sparsity_values = dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
     settings = CSRSettings(
-        sparsity_keys=sparsity_keys or dictionary.keys.sparsity, sparsity_values=sparsity_values or dictionary.values.sparsity,
-        s_n_values=s_n_v, method=method, online_atoms=online_atoms, guard_atoms=guard_atoms,
+        sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=dictionary.values.s_n, method=method,
+        online_atoms=online_atoms, guard_atoms=guard_atoms,
         guard_threshold=guard_threshold, window=window,
     )
     return [CSRKVCache(l, dictionary.keys.for_layer(l), dictionary.values.for_layer(l), layer.self_attn.rope, settings)
