@@ -64,15 +64,21 @@ class _KindStore:
     n_online: list[int] = field(default_factory=list)
     idx: torch.Tensor | None = None  # (B, H, T, k) int16
     coef: torch.Tensor | None = None  # (B, H, T, k) coef_dtype
+    rows: dict = field(default_factory=dict)  # b → offline + extra atoms as one tensor; within one update only
 
 
 class CSRLayer(CacheLayerMixin):
     is_sliding = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int, key_atoms: torch.Tensor, value_atoms: torch.Tensor, rotary_emb, settings: CSRSettings):
+    def __init__(self, layer_idx: int, key_atoms: torch.Tensor, value_atoms: torch.Tensor, rotary_emb, settings: CSRSettings,
+                 rope_memo: dict | None = None, last_layer: bool = True):
         super().__init__()
         self.layer_idx = layer_idx
+        # cos/sin of the coded positions are the same for every layer: the first layer of a step computes
+        # them, the others reuse them, the last layer frees them (nothing is held between steps)
+        self.rope_memo = {} if rope_memo is None else rope_memo
+        self.last_layer = last_layer
         self.settings = settings
         self.rotary_emb = rotary_emb
         self.stores = {"keys": _KindStore(key_atoms), "values": _KindStore(value_atoms)}
@@ -111,6 +117,8 @@ class CSRLayer(CacheLayerMixin):
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
             self.keys, self.values = self.keys[..., overflow:, :], self.values[..., overflow:, :]
             self._code(old_k, old_v, build_online=prefill)
+        for store in self.stores.values():
+            store.rows.clear()  # hold nothing between steps that memory_bytes() does not count
         return keys_out, values_out
 
     def get_seq_length(self) -> int:
@@ -162,7 +170,9 @@ class CSRLayer(CacheLayerMixin):
     def _row_dictionary(self, store: _KindStore, b: int) -> torch.Tensor:
         if store.extra is None or store.n_extra[b] == 0:
             return store.offline
-        return torch.cat([store.offline, store.extra[b, : store.n_extra[b]].float()])
+        if b not in store.rows:  # memo within one update (dropped when row b gains atoms, and after the update)
+            store.rows[b] = torch.cat([store.offline, store.extra[b, : store.n_extra[b]].float()])
+        return store.rows[b]
 
     def _encode_rows(self, store: _KindStore, chunks: torch.Tensor, k: int):
         B, H, T, s_n, w = chunks.shape
@@ -190,6 +200,7 @@ class CSRLayer(CacheLayerMixin):
         unit = torch.nn.functional.normalize(atoms[:take].float(), dim=-1)
         store.extra[b, store.n_extra[b] : store.n_extra[b] + take] = unit.to(torch.float16)
         store.n_extra[b] += take
+        store.rows.pop(b, None)
         return take
 
     def _add_online(self, store: _KindStore, chunks: torch.Tensor, real: torch.Tensor) -> None:
@@ -257,7 +268,13 @@ class CSRLayer(CacheLayerMixin):
         keys = self._decode("keys")
         if keys is None:
             return self.keys[..., :0, :]
-        cos, sin = rope_cos_sin(self.rotary_emb, self._positions(0, self.n_coded), torch.float32)
+        memo_key = (self.n_coded, tuple(self.n_pad.tolist()))
+        if self.rope_memo.get("key") != memo_key:
+            cos_sin = rope_cos_sin(self.rotary_emb, self._positions(0, self.n_coded), torch.float32)
+            self.rope_memo.update(key=memo_key, cos_sin=cos_sin)
+        cos, sin = self.rope_memo["cos_sin"]
+        if self.last_layer:
+            self.rope_memo.clear()
         return rotate(keys, cos, sin).to(self.dtype)
 
     def _decoded_values(self) -> torch.Tensor:
@@ -344,9 +361,10 @@ class CSRCache(Cache):
         )
         self.fingerprint = fingerprint
         offline = {kind: [torch.from_numpy(a) for a in dictionary.kind(kind).atoms] for kind in ("keys", "values")}
+        rope_memo: dict = {}
         layers = [
             CSRLayer(l, offline["keys"][dictionary.keys.layer_to_group[l]], offline["values"][dictionary.values.layer_to_group[l]],
-                     model.model.rotary_emb, self.settings)
+                     model.model.rotary_emb, self.settings, rope_memo, last_layer=l == fingerprint.n_layers - 1)
             for l in range(fingerprint.n_layers)
         ]
         self._offline_atoms = [a for kind in offline.values() for a in kind]

@@ -119,3 +119,20 @@ def test_smollm2_parity_with_the_torch_runtime(smollm2, tmp_path):
     np.testing.assert_allclose(m, t, atol=0.1)
     ppl_t, ppl_m = np.exp(-t.mean()), np.exp(-m.mean())
     assert abs(ppl_m / ppl_t - 1) < 0.01, (ppl_t, ppl_m)
+
+
+@pytest.mark.smollm2
+def test_generate_cli_prints_text_speed_and_memory(smollm2, tmp_path):
+    from neuraldict.models import model_fingerprint as torch_fingerprint
+
+    fp = torch_fingerprint(smollm2[0], "smollm2-135m-instruct")
+    path = save_dictionary(tmp_path / "d.safetensors", DictionaryFile(
+        fp, KindDictionaries(1, 4, [0] * 30, [random_atoms(128, 64, 0)]), KindDictionaries(2, 2, [0] * 30, [random_atoms(128, 32, 1)])))
+    run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
+                          "The capital of France is", "--max-tokens", "6", "--sparsity", "8"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "CSR-8:" in run.stdout and "tokens/s" in run.stdout and "| KVCache:" in run.stdout
+    csr_kib = float(run.stdout.split("CSR-8:")[1].split("cache ")[1].split(" KiB")[0])
+    plain_kib = float(run.stdout.split("| KVCache:")[1].split("cache ")[1].split(" KiB")[0])
+    assert 0 < csr_kib < plain_kib
