@@ -115,7 +115,8 @@ class CSRLayer(CacheLayerMixin):
         overflow = self.keys.shape[-2] - self.settings.window
         if overflow > 0:
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
-            self.keys, self.values = self.keys[..., overflow:, :], self.values[..., overflow:, :]
+            # clone: a slice would keep the whole older tensor alive, uncounted by memory_bytes()
+            self.keys, self.values = self.keys[..., overflow:, :].clone(), self.values[..., overflow:, :].clone()
             self._code(old_k, old_v, build_online=prefill)
         for store in self.stores.values():
             store.rows.clear()  # hold nothing between steps that memory_bytes() does not count

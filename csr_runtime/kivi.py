@@ -81,7 +81,8 @@ class KIVILayer(CacheLayerMixin):
         move = (self.keys.shape[-2] - self.residual_length) // G * G
         if move > 0:
             self._quantize(self.keys[..., :move, :], self.values[..., :move, :])
-            self.keys, self.values = self.keys[..., move:, :], self.values[..., move:, :]
+            # clone: a slice would keep the whole older tensor alive, uncounted by memory_bytes()
+            self.keys, self.values = self.keys[..., move:, :].clone(), self.values[..., move:, :].clone()
         return keys_out, values_out
 
     def _quantize(self, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -71,7 +71,8 @@ class CSRKVCache:
         overflow = self.keys.shape[2] - self.settings.window
         if overflow > 0:
             old_k, old_v = self.keys[:, :, :overflow], self.values[:, :, :overflow]
-            self.keys, self.values = self.keys[:, :, overflow:], self.values[:, :, overflow:]
+            # a copy: a slice may keep the whole older array alive, uncounted by nbytes
+            self.keys, self.values = mx.contiguous(self.keys[:, :, overflow:]), mx.contiguous(self.values[:, :, overflow:])
             self._code(old_k, old_v, build_online=prefill)
         return keys_out, values_out
 

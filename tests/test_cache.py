@@ -171,3 +171,14 @@ def test_eight_bit_coefficients_halve_the_coefficient_bytes():
         sizes[bits] = cache.memory_bytes()
         assert cache.layers[0].stores["keys"].coef.element_size() == bits // 8
     assert sizes[8] == sizes[16] * 3 // 4 + 2 * 8 // 4  # codes: 4 → 3 bytes per pair (n_pad unchanged)
+
+
+def test_window_does_not_pin_older_tensors():
+    # memory_bytes() counts views by their own size: the window must not be a view of the whole prefill
+    lm = tiny_llama(n_layers=2)
+    cache = CSRCache(lm, random_dictionary(lm), online_atoms=0, guard_atoms=0, window=4)
+    with torch.no_grad():
+        lm(torch.randint(0, 128, (1, 50)), past_key_values=cache)
+    for layer in cache.layers:
+        assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
+        assert layer.values.untyped_storage().nbytes() == layer.values.nbytes
