@@ -30,8 +30,12 @@ def _mp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int) -> tuple[torch.
     idx, coef = [], []
     for _ in range(s):
         scores = residual @ dictionary.T  # (n, N)
-        i = scores.abs().argmax(dim=-1)  # largest |<R, d>|: negatively correlated atoms count too
-        c = scores.gather(-1, i[:, None]).squeeze(-1)
+        # largest |<R, d>| (negatively correlated atoms count too), from argmax and argmin: two
+        # read-only passes instead of materialising |scores|, which dominates the time on CPU
+        hi, lo = scores.argmax(dim=-1), scores.argmin(dim=-1)
+        c_hi, c_lo = scores.gather(-1, hi[:, None]).squeeze(-1), scores.gather(-1, lo[:, None]).squeeze(-1)
+        take_lo = c_lo.abs() > c_hi.abs()
+        i, c = torch.where(take_lo, lo, hi), torch.where(take_lo, c_lo, c_hi)
         residual = residual - c[:, None] * dictionary[i]
         idx.append(i)
         coef.append(c)
@@ -48,13 +52,13 @@ def _omp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int) -> tuple[torch
     """
     n = x.shape[0]
     correlations = x @ dictionary.T  # (n, N) = Dᵀx, fixed
-    residual_scores = correlations.clone()
+    scores = correlations.abs()  # |Dᵀ R|, made afresh each iteration and modified in place
     chosen = torch.zeros_like(correlations, dtype=torch.bool)
     idx = torch.empty(n, s, dtype=torch.long, device=x.device)
     L = torch.zeros(n, s, s, dtype=x.dtype, device=x.device)  # lower Cholesky factor of G[idx, idx]
     rows = torch.arange(n, device=x.device)
     for g in range(s):
-        i = residual_scores.abs().masked_fill(chosen, -1.0).argmax(dim=-1)
+        i = scores.masked_fill_(chosen, -1.0).argmax(dim=-1)
         chosen[rows, i] = True
         idx[:, g] = i
         if g == 0:
@@ -69,7 +73,7 @@ def _omp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int) -> tuple[torch
         c = torch.cholesky_solve(rhs, L[:, : g + 1, : g + 1], upper=False).squeeze(-1)  # (n, g+1)
         if g + 1 < s:
             residual = x - torch.einsum("ng,ngd->nd", c, dictionary[idx[:, : g + 1]])
-            residual_scores = residual @ dictionary.T
+            scores = (residual @ dictionary.T).abs_()
     return idx, c
 
 
