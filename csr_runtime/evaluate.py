@@ -210,13 +210,18 @@ def _plots(rows, results, folder: Path, ppl_col: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    with open(folder / "memory_trace.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "tokens", "bytes"])
+        w.writerows([name, t, b] for name, r in results.items() for t, b in r["trace"])
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
         if r["trace"]:
             t, b = zip(*r["trace"])
             ax.plot(t, [x / 2**20 for x in b], label=name)
+    ax.set_yscale("log")
     ax.set_xlabel("sequence length (tokens)")
-    ax.set_ylabel("cache memory (MB)")
+    ax.set_ylabel("cache memory (MB, log scale)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -36,5 +36,5 @@ def test_evaluate_writes_the_table_and_exact_methods_have_zero_kl(tiny_model_dir
     assert math.isclose(by["fp32"]["bits_per_channel"], 32.0)  # fp32 DynamicCache
     with open(tmp_path / "report" / "eval.csv") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["fp32", "CSR complete", "KIVI-2"]
-    for name in ("eval.md", "memory_vs_length.png", "ppl_vs_bits.png"):
+    for name in ("eval.md", "memory_vs_length.png", "ppl_vs_bits.png", "memory_trace.csv"):
         assert (tmp_path / "report" / name).is_file()
