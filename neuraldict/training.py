@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from csr_runtime.dictionary_file import INDEX_LIMIT, KINDS, save_dictionary
-from csr_runtime.sparse_coding import _mp_batch, sparse_decode, sparse_encode, split_chunks
+from csr_runtime.sparse_coding import sparse_decode, sparse_encode, split_chunks
 from neuraldict.export import CHECKPOINT_KEY, _escape, structure_dictionary
 from neuraldict.kmeans import kmeans_dictionary
 
@@ -40,7 +40,7 @@ def diversity_loss(dictionary: torch.Tensor) -> torch.Tensor:
 
 def neuraldict_loss(x: torch.Tensor, dictionary: torch.Tensor, s: int, diversity_scale: float = 0.1):
     """x: (n, d) chunks, dictionary: (N, d) → (L, L_MSE, L_div, β) with the paper's adaptive β."""
-    idx, coef = _mp_batch(x, dictionary, s)  # differentiable through coef and residuals
+    idx, coef = sparse_encode(x, dictionary, s=s)  # MP; differentiable through coefficients and residuals
     mse = ((x - sparse_decode(idx, coef, dictionary)) ** 2).sum(-1).mean()
     div = diversity_loss(dictionary)
     beta = (diversity_scale * mse.detach() / div.detach().clamp_min(1e-12)).clamp(0.0, 1.0)

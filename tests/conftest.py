@@ -55,3 +55,26 @@ def other_tiny_model_dir(tmp_path_factory):
     tiny_llama(n_layers=2, heads=4, kv_heads=2, head_dim=16, vocab_size=49152).save_pretrained(folder)
     AutoTokenizer.from_pretrained(converted_embedded_model()).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_kmeans_dictionary(tmp_path_factory, smollm2):
+    """A dictionary file for the real SmolLM2 from k-means on 2 048 calibration tokens (N = 256): seconds, not a fit."""
+    import numpy as np
+
+    from csr_runtime.dictionary_file import DictionaryFile, KindDictionaries, save_dictionary
+    from csr_runtime.sparse_coding import split_chunks
+    from neuraldict.collect import collect_kv
+    from neuraldict.kmeans import kmeans_dictionary
+    from neuraldict.models import model_fingerprint
+
+    collection = collect_kv(max_tokens=2048, window=512)
+    atoms = {"keys": [], "values": []}
+    for layer in range(30):
+        for kind, s_n in (("keys", 1), ("values", 2)):
+            x = split_chunks(torch.from_numpy(collection.vectors(layer, kind).astype(np.float32)), s_n).flatten(0, 1)
+            atoms[kind].append(kmeans_dictionary(x, 256, iterations=5).numpy())
+    dictionary = DictionaryFile(model_fingerprint(smollm2[0], "smollm2-135m-instruct"),
+                                KindDictionaries(1, 8, list(range(30)), atoms["keys"]),
+                                KindDictionaries(2, 4, list(range(30)), atoms["values"]))
+    return save_dictionary(tmp_path_factory.mktemp("dict") / "kmeans.safetensors", dictionary)

@@ -182,3 +182,16 @@ def test_window_does_not_pin_older_tensors():
     for layer in cache.layers:
         assert layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
         assert layer.values.untyped_storage().nbytes() == layer.values.nbytes
+
+
+@pytest.mark.smollm2
+def test_generate_with_csr_cache_on_real_smollm2(smollm2, smollm2_kmeans_dictionary):
+    lm, tokenizer = smollm2
+    prompt = ("Paris is the capital and largest city of France. Berlin is the capital of Germany. "
+              "Madrid is the capital of Spain. The capital of France is")
+    ids = tokenizer(prompt, return_tensors="pt")
+    cache = CSRCache(lm, smollm2_kmeans_dictionary, sparsity=8, online_atoms=0, guard_atoms=0)  # offline atoms only
+    out = lm.generate(**ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert cache.layers[0].n_coded == ids["input_ids"].shape[1] + 3  # every token but the last is held as codes
+    assert 4.0 <= cache.bits_per_channel() < 4.2  # CSR-8 with d_h = 64: 32·8/64 = 4 bits

@@ -136,3 +136,15 @@ def test_generate_cli_prints_text_speed_and_memory(smollm2, tmp_path):
     csr_kib = float(run.stdout.split("CSR-8:")[1].split("cache ")[1].split(" KiB")[0])
     plain_kib = float(run.stdout.split("| KVCache:")[1].split("cache ")[1].split(" KiB")[0])
     assert 0 < csr_kib < plain_kib
+
+
+@pytest.mark.smollm2
+def test_evaluate_cli_runs_every_cache(smollm2_kmeans_dictionary):
+    run = subprocess.run([sys.executable, "-m", "mlx_backend.evaluate", "--dictionary", str(smollm2_kmeans_dictionary),
+                          "--context-length", "64", "--sequences", "1", "--chunk", "16", "--sparsity", "8"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in run.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")}
+    assert set(rows) == {"KVCache", "QuantizedKVCache 4-bit", "CSR-8"}
+    assert all(1 < ppl < 1000 for ppl in rows.values())
