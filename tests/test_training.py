@@ -168,10 +168,10 @@ def test_every_config_parses(config):
     text = config.read_text()
     if "trainer:" in text:  # a LightningCLI config
         cmd = [sys.executable, "-m", "neuraldict.cli", "fit", "--config", str(config), "--print_config"]
-    elif "methods:" in text:  # csr-eval
-        cmd = [sys.executable, "-m", "csr_runtime.evaluate", "--config", str(config), "--print_config"]
-    else:
+    elif config.stem in ("collect", "compare"):  # `neuraldict collect|compare`
         cmd = [sys.executable, "-m", "neuraldict.cli", config.stem, "--config", str(config), "--print_config"]
+    else:  # csr-eval
+        cmd = [sys.executable, "-m", "csr_runtime.evaluate", "--config", str(config), "--print_config"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "model" in run.stdout
