@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from csr_runtime.dictionary_file import INDEX_LIMIT, DictionaryFile, ModelFingerprint, load_dictionary
 from csr_runtime.rope import rope_cos_sin, rotate, unrotate
@@ -319,6 +319,7 @@ class CSRCache(Cache):
 
     `sparsity=s` follows the paper's naming: keys with s atoms, values with s/2 atoms per chunk on
     s_n = 2 chunks (the value dictionary's s_n). Or give `sparsity_keys` / `sparsity_values` directly.
+    `coded_layers` limits coding to some layers; the others keep full-precision K/V (counted too).
     """
 
     def __init__(
@@ -336,6 +337,7 @@ class CSRCache(Cache):
         guard_threshold: float = 0.3,
         window: int = 0,
         coef_bits: Literal[8, 16] = 16,
+        coded_layers: list[int] | None = None,
         model_id: str = "model",
     ):
         from neuraldict.models import check_supported, model_fingerprint
@@ -361,26 +363,33 @@ class CSRCache(Cache):
             coef_dtype=torch.float16 if coef_bits == 16 else torch.float8_e4m3fn,
         )
         self.fingerprint = fingerprint
+        coded = sorted(set(range(fingerprint.n_layers) if coded_layers is None else coded_layers))
+        if not coded or not set(coded) <= set(range(fingerprint.n_layers)):
+            raise ValueError(f"coded_layers must be a non-empty subset of 0..{fingerprint.n_layers - 1}, got {coded_layers}")
         offline = {kind: [torch.from_numpy(a) for a in dictionary.kind(kind).atoms] for kind in ("keys", "values")}
         rope_memo: dict = {}
         layers = [
             CSRLayer(l, offline["keys"][dictionary.keys.layer_to_group[l]], offline["values"][dictionary.values.layer_to_group[l]],
-                     model.model.rotary_emb, self.settings, rope_memo, last_layer=l == fingerprint.n_layers - 1)
+                     model.model.rotary_emb, self.settings, rope_memo, last_layer=l == coded[-1])
+            if l in coded else DynamicLayer()  # a layer left out of coded_layers keeps its KV in full precision
             for l in range(fingerprint.n_layers)
         ]
+        self._coded = [layers[l] for l in coded]
         self._offline_atoms = [a for kind in offline.values() for a in kind]
         super().__init__(layers=layers)
 
     def memory_bytes(self, include_offline: bool = False) -> int:
         """Bytes of every tensor the cache holds for this sequence (+ the shared offline dictionaries if asked)."""
-        total = sum(t.nbytes for layer in self.layers for t in layer.held_tensors())
+        total = sum(t.nbytes for layer in self._coded for t in layer.held_tensors())
+        total += sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers
+                     if isinstance(layer, DynamicLayer) and layer.is_initialized)
         if include_offline:
             total += sum(a.nbytes for a in self._offline_atoms)
         return total
 
     def bits_per_channel(self, include_offline: bool = False) -> float:
         """memory_bytes · 8 / (tokens · layers · 2 (K and V) · kv_heads · d_h), padding included."""
-        layer = self.layers[0]
+        layer = self._coded[0]
         if not layer.is_initialized:
             return 0.0
         fp = self.fingerprint
@@ -395,7 +404,7 @@ class CSRCache(Cache):
 
     def stats(self) -> dict[str, int]:
         out = {}
-        for layer in self.layers:
+        for layer in self._coded:
             for k, v in layer.stats.items():
                 out[k] = out.get(k, 0) + v
         return out

@@ -76,6 +76,9 @@ def compare(
     ksvd_iterations: int = 10,
     neuraldict_steps: int = 300,
     sklearn_epochs: int = 1,
+    downstream_sparsity: int = 4,
+    downstream_context: int = 1024,
+    downstream_sequences: int = 2,
     output: str = "benchmarks/results/compare",
 ) -> list[dict]:
     """Train every method on the same vectors, score all on the same held-out vectors.
@@ -98,6 +101,11 @@ def compare(
         ksvd_iterations: K-SVD iterations.
         neuraldict_steps: NeuralDict steps (batch 1024).
         sklearn_epochs: passes of scikit-learn's MiniBatchDictionaryLearning over the data.
+        downstream_sparsity: CSR-s of the downstream perplexity: each method's dictionaries code the
+            compared layers' KV cache (MP, offline atoms only; the other layers stay exact) while the
+            model reads held-out (test-split) text. 0 skips it.
+        downstream_context: tokens per downstream sequence (the first half prefilled, the rest scored).
+        downstream_sequences: downstream sequences.
         output: report folder.
     """
     unknown = sorted(set(methods) - set(METHODS))
@@ -105,10 +113,13 @@ def compare(
         raise ValueError(f"methods must be among {METHODS}, got {unknown}")
     if n_atoms < max(sparsities):
         raise ValueError(f"n_atoms = {n_atoms} must be at least the largest sparsity {max(sparsities)}")
+    if downstream_sparsity and s_n_keys != 1:
+        raise ValueError(f"the downstream perplexity runs CSRCache, which codes keys with s_n = 1, not s_n_keys = "
+                         f"{s_n_keys}: set s_n_keys: 1 or downstream_sparsity: 0")
     train = collect_kv(model=model, corpus=corpus, split="train", max_tokens=train_tokens, window=window)
     held_out = collect_kv(model=model, corpus=corpus, split="validation", max_tokens=val_tokens, window=window)
     d_h = train.model.head_dim
-    rows, notes = [], []
+    rows, notes, learned = [], [], {}
     g = torch.Generator().manual_seed(0)
     jobs = [(layer, kind, method) for layer in layers for kind in ("keys", "values") for method in methods]
     bar = tqdm(jobs, desc="compare", dynamic_ncols=True)
@@ -127,6 +138,7 @@ def compare(
                                 ksvd_iterations=ksvd_iterations, neuraldict_steps=neuraldict_steps,
                                 sklearn_epochs=sklearn_epochs)
         train_seconds = time.perf_counter() - started
+        learned[layer, kind, method] = D
         notes += [f"layer {layer} {kind}: {n}" for n in method_notes]
         for coder in ("mp", "omp"):
             for s in sparsities:
@@ -138,11 +150,63 @@ def compare(
                              "bits_per_channel": 32 * s * s_n / d_h, "rel_err": err,
                              "snr_db": -10 * math.log10(max(err, 1e-30)), "train_s": train_seconds,
                              "encode_vectors_per_s": len(x_test) / seconds})
-    write_report(rows, notes, Path(output), n_atoms=n_atoms)
+    downstream = {}
+    if downstream_sparsity:
+        downstream = downstream_perplexity(model, corpus, learned, train.model, layers=layers, methods=methods,
+                                           s_n_values=s_n_values, sparsity=downstream_sparsity,
+                                           context=downstream_context, sequences=downstream_sequences)
+    write_report(rows, notes, Path(output), n_atoms=n_atoms, downstream=downstream,
+                 downstream_setting=f"CSR-{downstream_sparsity} on layers {list(layers)} (the other layers exact), MP, "
+                                    f"offline atoms only; L = {downstream_context}, P = L/2, c = 32, "
+                                    f"{downstream_sequences} test-split sequences")
     return rows
 
 
-def write_report(rows: list[dict], notes: list[str], folder: Path, *, n_atoms: int) -> None:
+@torch.no_grad()
+def downstream_perplexity(model: str, corpus: str, learned: dict, fingerprint, *, layers, methods, s_n_values: int,
+                          sparsity: int, context: int, sequences: int) -> dict[str, float]:
+    """Held-out perplexity with a CSR cache whose compared layers are coded by each method's dictionaries.
+
+    Returns {"full precision": ppl, method: ppl, ...}; scored as `csr-eval` scores (prefill half, decode
+    the rest in chunks of 32), so only tokens predicted from the compressed cache count.
+    """
+    from csr_runtime.cache import CSRCache
+    from csr_runtime.dictionary_file import DictionaryFile, KindDictionaries
+    from csr_runtime.evaluate import chunked_log_probs
+    from transformers import DynamicCache
+
+    from neuraldict.collect import token_windows
+    from neuraldict.corpus import load_corpus
+    from neuraldict.models import load_model
+
+    lm, tokenizer = load_model(model)
+    ids = token_windows(tokenizer, load_corpus(corpus, "test"), window=context, max_tokens=context * sequences,
+                        source=f"test split of {corpus!r}")
+    # Layers that are not compared are never coded; they point at the nearest compared layer's group.
+    nearest = [min(range(len(layers)), key=lambda i: abs(layers[i] - l)) for l in range(fingerprint.n_layers)]
+
+    def perplexity(make_cache) -> float:
+        nll, n = 0.0, 0
+        for row in ids:
+            logp = chunked_log_probs(lm, row[None], make_cache(), prefix=context // 2, chunk=32)
+            targets = row[context // 2 :]
+            nll -= logp.gather(1, targets[:, None]).sum().item()
+            n += len(targets)
+        return math.exp(nll / n)
+
+    out = {"full precision": perplexity(DynamicCache)}
+    for method in tqdm(methods, desc="downstream perplexity", dynamic_ncols=True):
+        atoms = {kind: [learned[l, kind, method].numpy() for l in layers] for kind in ("keys", "values")}
+        dictionary = DictionaryFile(fingerprint, KindDictionaries(1, sparsity, nearest, atoms["keys"]),
+                                    KindDictionaries(s_n_values, max(1, sparsity // s_n_values), nearest, atoms["values"]),
+                                    provenance={"method": method, "source": "neuraldict compare"})
+        out[method] = perplexity(lambda: CSRCache(lm, dictionary, sparsity=sparsity, online_atoms=0, guard_atoms=0,
+                                                  coded_layers=list(layers), model_id=fingerprint.model_id))
+    return out
+
+
+def write_report(rows: list[dict], notes: list[str], folder: Path, *, n_atoms: int, downstream: dict | None = None,
+                 downstream_setting: str = "") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "compare.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -164,6 +228,15 @@ def write_report(rows: list[dict], notes: list[str], folder: Path, *, n_atoms: i
                 lines.append(f"| {m} | " + " | ".join(f"{e:.4f}" for e in errs)
                              + f" | {mean(sel, 'train_s'):.1f} | {enc:,.0f} |")
             lines.append("")
+    if downstream:
+        reference = downstream["full precision"]
+        lines += [f"**Downstream perplexity**: {downstream_setting}", "", "| method | perplexity | × full precision |",
+                  "|---|---|---|"]
+        lines += [f"| {m} | {ppl:.3f} | {ppl / reference:.3f} |" for m, ppl in downstream.items()]
+        lines.append("")
+        with open(folder / "downstream.csv", "w", newline="") as f:
+            f.write("method,perplexity,ratio_vs_full_precision\n")
+            f.writelines(f"{m},{ppl},{ppl / reference}\n" for m, ppl in downstream.items())
     if notes:
         lines += ["Warnings recorded:", ""] + [f"- {n}" for n in notes]
     (folder / "compare.md").write_text("\n".join(lines) + "\n")

@@ -36,7 +36,7 @@ def test_ksvd_rejects_bad_input():
 def test_compare_reports_every_method_on_the_same_vectors(tiny_model_dir, tmp_path):
     rows = compare(model=str(tiny_model_dir), train_tokens=1024, val_tokens=256, window=64, layers=[1], n_atoms=16,
                    sparsities=[1, 2, 4], max_train_vectors=2048, max_test_vectors=256, ksvd_iterations=3,
-                   neuraldict_steps=5, output=str(tmp_path / "report"))
+                   neuraldict_steps=5, downstream_context=64, downstream_sequences=1, output=str(tmp_path / "report"))
     assert len(rows) == 5 * 2 * 2 * 3  # methods × kinds × coders × sparsities
     for kind in ("keys", "values"):
         err = {(r["method"], r["coder"], r["s"]): r["rel_err"] for r in rows if r["kind"] == kind}
@@ -49,6 +49,13 @@ def test_compare_reports_every_method_on_the_same_vectors(tiny_model_dir, tmp_pa
     assert bits[2] == 32 * 2 * 2 / 16  # 32·s·s_n/d_h with s_n = 2, d_h = 16
     for name in ("compare.md", "compare.csv", "error_vs_s.png", "error_vs_bits.png"):
         assert (tmp_path / "report" / name).is_file()
+    # downstream perplexity: the full-precision reference, then one CSR run per method on the same text
+    lines = (tmp_path / "report" / "downstream.csv").read_text().splitlines()[1:]
+    ppl = {line.split(",")[0]: float(line.split(",")[1]) for line in lines}
+    assert list(ppl) == ["full precision", "random", "kmeans", "ksvd", "sklearn", "neuraldict"]
+    assert all(1 < p < 1e6 for p in ppl.values())
+    assert ppl["random"] != ppl["full precision"]  # layer 1 really is read back from codes
+    assert "Downstream perplexity" in (tmp_path / "report" / "compare.md").read_text()
 
 
 def test_compare_rejects_bad_config(tiny_model_dir, tmp_path):

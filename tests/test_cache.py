@@ -195,3 +195,22 @@ def test_generate_with_csr_cache_on_real_smollm2(smollm2, smollm2_kmeans_diction
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert cache.layers[0].n_coded == ids["input_ids"].shape[1] + 3  # every token but the last is held as codes
     assert 4.0 <= cache.bits_per_channel() < 4.2  # CSR-8 with d_h = 64: 32·8/64 = 4 bits
+
+
+def test_layers_left_out_of_coded_layers_stay_exact_and_are_counted():
+    lm = tiny_llama(n_layers=3, kv_heads=2)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
+    cache = CSRCache(lm, random_dictionary(lm, n_layers=3), sparsity=4, online_atoms=0, guard_atoms=0, coded_layers=[1])
+    reference = DynamicCache()
+    with torch.no_grad():
+        lm(ids, past_key_values=cache)
+        lm(ids, past_key_values=reference)
+    for l in (0, 2):  # full precision, exactly the DynamicCache's tensors
+        assert torch.equal(cache.layers[l].keys, reference.layers[l].keys)
+        assert torch.equal(cache.layers[l].values, reference.layers[l].values)
+    assert cache.layers[1].n_coded == 20
+    coded = sum(t.nbytes for t in cache.layers[1].held_tensors())
+    exact = sum(reference.layers[l].keys.nbytes + reference.layers[l].values.nbytes for l in (0, 2))
+    assert cache.memory_bytes() == coded + exact
+    with pytest.raises(ValueError, match="coded_layers"):
+        CSRCache(lm, random_dictionary(lm, n_layers=3), sparsity=4, coded_layers=[3])
