@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from csr_runtime.dictionary_file import INDEX_LIMIT, DictionaryFile, ModelFingerprint, load_dictionary
-from csr_runtime.rope import rope_cos_sin, rotate, unrotate
+from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
 from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
 
 Sampling = Literal["reverse", "uniform"]
@@ -108,8 +108,8 @@ class CSRLayer(CacheLayerMixin):
         self._check_positions(positions)
         # The attention of this call sees the compressed past plus its own tokens exactly (as in
         # transformers' QuantizedLayer); the new tokens are coded for later calls afterwards.
-        keys_out = torch.cat([self._decoded_keys(), self.keys, key_states], dim=-2)
-        values_out = torch.cat([self._decoded_values(), self.values, value_states], dim=-2)
+        keys_out = self._assemble("keys", self.keys, key_states)
+        values_out = self._assemble("values", self.values, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         overflow = self.keys.shape[-2] - self.settings.window
@@ -250,37 +250,46 @@ class CSRLayer(CacheLayerMixin):
         return idx, coef
 
     # -- decoding ---------------------------------------------------------------------------------
-    def _decode(self, kind: str) -> torch.Tensor:
-        """(B, H, n_coded, d) float32 reconstruction of the coded part (keys before RoPE)."""
+    def _assemble(self, kind: str, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """(B, H, n_coded + window + T, d): the decoded past (keys rotated again), the window, the new tokens.
+
+        Written into one preallocated tensor: no concatenation and no rotation temporaries per step."""
+        B, H, T, d = new.shape
+        n, W = self.n_coded, window.shape[-2]
+        out = new.new_empty(B, H, n + W + T, d)
+        out[..., n : n + W, :] = window
+        out[..., n + W :, :] = new
+        if n == 0:
+            return out
         store = self.stores[kind]
-        if store.idx is None:
-            return None
-        B, H, T, kk = store.idx.shape
         s_n = 1 if kind == "keys" else self.settings.s_n_values
-        k = kk // s_n
-        rows = []
+        k = store.idx.shape[-1] // s_n
+        if kind == "keys":
+            cos, sin = self._coded_cos_sin()
         for b in range(B):
             D = self._row_dictionary(store, b)
-            x = sparse_decode(store.idx[b].long().view(H, T, s_n, k), store.coef[b].float().view(H, T, s_n, k), D)
-            rows.append(x.flatten(-2))
-        return torch.stack(rows)
+            x = sparse_decode(store.idx[b].view(H, n, s_n, k), store.coef[b].view(H, n, s_n, k), D).view(H, n, d)
+            if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
+                rotate_into(out[b : b + 1, :, :n], x[None], cos[b : b + 1], sin[b : b + 1])
+            else:
+                out[b, :, :n] = x
+        return out
 
-    def _decoded_keys(self) -> torch.Tensor:
-        keys = self._decode("keys")
-        if keys is None:
-            return self.keys[..., :0, :]
+    def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated) and values of every held token, as the next step's attention will read them."""
+        empty = lambda t: t[..., :0, :]
+        return self._assemble("keys", self.keys, empty(self.keys)), self._assemble("values", self.values, empty(self.values))
+
+    def _coded_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the coded positions; the first layer of a step computes them, the last one frees them."""
         memo_key = (self.n_coded, tuple(self.n_pad.tolist()))
         if self.rope_memo.get("key") != memo_key:
             cos_sin = rope_cos_sin(self.rotary_emb, self._positions(0, self.n_coded), torch.float32)
             self.rope_memo.update(key=memo_key, cos_sin=cos_sin)
-        cos, sin = self.rope_memo["cos_sin"]
+        cos_sin = self.rope_memo["cos_sin"]
         if self.last_layer:
             self.rope_memo.clear()
-        return rotate(keys, cos, sin).to(self.dtype)
-
-    def _decoded_values(self) -> torch.Tensor:
-        values = self._decode("values")
-        return self.values[..., :0, :] if values is None else values.to(self.dtype)
+        return cos_sin
 
     # -- accounting -------------------------------------------------------------------------------
     def held_tensors(self, include_offline: bool = False) -> list[torch.Tensor]:

@@ -28,6 +28,19 @@ def rotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return k * cos + _rotate_half(k) * sin
 
 
+def rotate_into(out: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`rotate` written into `out` (same shape as k, any float dtype) without temporaries of k's size:
+    first half k₁·cos − k₂·sin, second half k₂·cos + k₁·sin (what k·cos + rotate_half(k)·sin computes)."""
+    if out.shape != k.shape:
+        raise ValueError(f"rotate_into: out has shape {tuple(out.shape)}, k has {tuple(k.shape)}")
+    cos, sin = cos[:, None], sin[:, None]
+    half = k.shape[-1] // 2
+    torch.mul(k, cos, out=out)
+    out[..., :half].addcmul_(k[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(k[..., :half], sin[..., half:])
+    return out
+
+
 def unrotate(k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Invert `rotate`. Each channel pair is scaled by α and turned by θ, with cos = α·cos θ and
     sin = α·sin θ (α ≠ 1 for YaRN-style scaling), so the inverse turns by −θ and divides by α²."""

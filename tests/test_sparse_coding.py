@@ -88,3 +88,21 @@ def test_bad_arguments():
         sparse_encode(torch.randn(3, 4, dtype=torch.float64), D, s=5, method="omp")
     with pytest.raises(ValueError, match="not divisible by s_n = 3"):
         split_chunks(torch.randn(2, 64), 3)
+
+
+def test_rotate_into_equals_rotate():
+    from csr_runtime.rope import rotate, rotate_into
+
+    g = torch.Generator().manual_seed(0)
+    k, cos, sin = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    out = torch.empty(2, 3, 5, 8, dtype=torch.float64)
+    torch.testing.assert_close(rotate_into(out, k, cos, sin), rotate(k, cos, sin).double(), rtol=1e-6, atol=1e-6)
+
+
+def test_omp_keeps_supports_distinct_when_the_vector_is_already_exact():
+    D = torch.eye(6, dtype=torch.float64)
+    x = torch.stack([D[0] * 2.0, D[4] - D[0]])  # exact after 1 and 2 atoms; s = 4 asks for more
+    idx, coef = sparse_encode(x, D, s=4, method="omp")
+    assert all(len(set(row.tolist())) == 4 for row in idx)
+    torch.testing.assert_close(sparse_decode(idx, coef, D), x)
+    assert coef.abs().max() <= 2.0 + 1e-12  # no cancelling pair of huge coefficients
