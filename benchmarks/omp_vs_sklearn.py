@@ -62,6 +62,12 @@ def main(argv=None) -> None:
     orthogonal_mp_gram(D @ D.T, D @ x.T, n_nonzero_coefs=args.s, copy_Gram=False, copy_Xy=False)
     theirs_fast = time.perf_counter() - started
     same = np.mean([set(idx[n].tolist()) == set(np.flatnonzero(ref[n]).tolist()) for n in range(len(x))])
+    # scikit-learn stops early once x is exact (e.g. x is itself an atom); ours then adds atoms with
+    # coefficient 0. Compared on the atoms that carry weight, supports should agree everywhere.
+    weighted = coef.abs().numpy() > 1e-9 * np.linalg.norm(x, axis=1, keepdims=True)
+    same_weighted = np.mean([set(idx[n][weighted[n]].tolist()) == set(np.flatnonzero(ref[n]).tolist())
+                             for n in range(len(x))])
+    stopped_early = np.mean((ref != 0).sum(1) < args.s)
     recon_gap = float(np.abs(sparse_decode(idx, coef, torch.from_numpy(D)).numpy() - ref @ D).max())
 
     x_learn = torch.from_numpy(keys[: args.learn_vectors].astype(np.float32))
@@ -84,9 +90,11 @@ def main(argv=None) -> None:
         f"| scikit-learn sparse_encode(omp) | {theirs:.2f} | {len(x) / theirs:,.0f} | 1.0 |",
         f"| scikit-learn orthogonal_mp_gram(copy_Gram=False) | {theirs_fast:.2f} | {len(x) / theirs_fast:,.0f} | "
         f"{theirs / theirs_fast:.1f} |", "",
-        f"Ours vs scikit-learn's fastest path: {theirs_fast / ours:.1f}×. (sparse_encode copies the N × N Gram matrix "
-        f"for every vector, which is what makes it slow at N = {args.n_atoms}.)", "",
-        f"Identical supports: {100 * same:.2f} % of vectors; largest reconstruction difference {recon_gap:.2e}.", "",
+        f"Ours vs scikit-learn's fastest path: {theirs_fast / ours:.1f}×. (scikit-learn runs its Cholesky OMP one "
+        f"vector at a time in a Python loop, with or without copying the Gram matrix; ours is batched over vectors.)", "",
+        f"Identical supports: {100 * same:.2f} % of vectors; on the atoms with non-zero coefficients "
+        f"{100 * same_weighted:.2f} % (scikit-learn stopped early, x already exact, for {100 * stopped_early:.2f} %; "
+        f"we add zero-coefficient atoms there). Largest reconstruction difference {recon_gap:.2e}.", "",
         f"Dictionary learning, N = {args.learn_atoms}, {len(x_learn)} training vectors, held-out error with MP at s = 4:", "",
         "| method | fit seconds | held-out rel. error |", "|---|---|---|",
         f"| K-SVD (ours, {args.ksvd_iterations} iterations, OMP s = 4) | {ksvd_s:.1f} | {err(D_ksvd):.4f} |",
