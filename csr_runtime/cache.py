@@ -69,7 +69,7 @@ class _KindStore:
 
 class CSRLayer(CacheLayerMixin):
     is_sliding = False
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, layer_idx: int, key_atoms: torch.Tensor, value_atoms: torch.Tensor, rotary_emb, settings: CSRSettings,
                  rope_memo: dict | None = None, last_layer: bool = True):
@@ -121,6 +121,22 @@ class CSRLayer(CacheLayerMixin):
         for store in self.stores.values():
             store.rows.clear()  # hold nothing between steps that memory_bytes() does not count
         return keys_out, values_out
+
+    def crop(self, max_length: int) -> None:
+        """Drop the newest tokens: `crop(-n)` removes n (transformers 5), `crop(L)` keeps the first L (4.x).
+
+        The window loses its tokens first, then the codes; atoms already added to the dictionary stay."""
+        seq = self.get_seq_length()
+        keep = seq + max_length if max_length < 0 else max_length
+        if not self.is_initialized or keep >= seq:
+            return
+        keep = max(keep, 0)
+        window_keep = max(keep - self.n_coded, 0)
+        self.keys, self.values = self.keys[..., :window_keep, :].clone(), self.values[..., :window_keep, :].clone()
+        if keep < self.n_coded:
+            for store in self.stores.values():
+                store.idx, store.coef = store.idx[:, :, :keep].clone(), store.coef[:, :, :keep].clone()
+            self.n_coded = keep
 
     def get_seq_length(self) -> int:
         return 0 if not self.is_initialized else self.n_coded + self.keys.shape[-2]

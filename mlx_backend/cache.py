@@ -6,8 +6,9 @@ Keys arrive rotated; they are un-rotated with the model's RoPE, coded before RoP
 and fp16 coefficients, and rotated again when read. Per layer the dictionary is offline (file) +
 online (the prompt's own vectors, most recent first) + guard (vectors whose relative residual stays
 above a threshold); the newest `window` tokens stay in full precision. The call's own new K/V reach
-the attention exactly. Not supported here (use the PyTorch runtime): left-padded batches, trimming,
-saving prompt caches, 8-bit coefficients.
+the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
+Not supported here (use the PyTorch runtime): left-padded batches, 8-bit coefficients; nor saving
+prompt caches (mlx-lm's loader only rebuilds its own cache classes).
 """
 
 from __future__ import annotations
@@ -86,7 +87,23 @@ class CSRKVCache:
         return self.offset
 
     def is_trimmable(self) -> bool:
-        return False
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the newest n tokens (the window's first, then codes; added atoms stay). Returns how many."""
+        n = min(self.offset, n)
+        if n <= 0:
+            return 0
+        keep = self.offset - n
+        window_keep = max(keep - self.n_coded, 0)
+        self.keys, self.values = mx.contiguous(self.keys[:, :, :window_keep]), mx.contiguous(self.values[:, :, :window_keep])
+        if keep < self.n_coded:
+            for store in self.stores.values():
+                store.idx = mx.contiguous(store.idx[:, :, :keep]) if keep else None
+                store.coef = mx.contiguous(store.coef[:, :, :keep]) if keep else None
+            self.n_coded = keep
+        self.offset = keep
+        return n
 
     def _held_arrays(self) -> list[mx.array]:
         arrays = [a for a in (self.keys, self.values) if a is not None]

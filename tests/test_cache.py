@@ -214,3 +214,22 @@ def test_layers_left_out_of_coded_layers_stay_exact_and_are_counted():
     assert cache.memory_bytes() == coded + exact
     with pytest.raises(ValueError, match="coded_layers"):
         CSRCache(lm, random_dictionary(lm, n_layers=3), sparsity=4, coded_layers=[3])
+
+
+@pytest.mark.parametrize("remove", [2, 9])  # from the window only; through the window into the codes
+def test_crop_matches_dynamic_cache(remove):
+    lm = tiny_llama(n_layers=2, kv_heads=2)
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(5))
+    cache = CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, window=4)
+    reference = DynamicCache()
+    with torch.no_grad():
+        lm(ids[:, :20], past_key_values=cache)
+        lm(ids[:, :20], past_key_values=reference)
+        cache.crop(-remove)
+        reference.crop(-remove)
+        assert cache.get_seq_length() == reference.get_seq_length() == 20 - remove
+        assert cache.layers[0].n_coded == min(16, 20 - remove)
+        tail = ids[:, 20 - remove : 24 - remove]  # the next tokens after the cropped sequence
+        torch.testing.assert_close(lm(tail, past_key_values=cache).logits, lm(tail, past_key_values=reference).logits,
+                                   atol=2e-3, rtol=0)
+    assert cache.memory_bytes() == sum(t.nbytes for layer in cache.layers for t in layer.held_tensors())

@@ -148,3 +148,23 @@ def test_evaluate_cli_runs_every_cache(smollm2_kmeans_dictionary):
             if line.startswith("| ") and not line.startswith("| method")}
     assert set(rows) == {"KVCache", "QuantizedKVCache 4-bit", "CSR-8"}
     assert all(1 < ppl < 1000 for ppl in rows.values())
+
+
+@pytest.mark.parametrize("remove", [2, 9])  # from the window only; through the window into the codes
+def test_trim_matches_kvcache(remove):
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+
+    model = tiny_mlx_llama()
+    fp = model_fingerprint(model, "tiny")
+    dictionary = DictionaryFile(fp, KindDictionaries(1, 16, [0, 0], [orthonormal(16, 0)]),
+                                KindDictionaries(2, 8, [0, 1], [orthonormal(8, 1), orthonormal(8, 2)]))
+    csr = make_csr_cache(model, dictionary, online_atoms=0, guard_atoms=0, window=4)
+    plain = make_prompt_cache(model)
+    ids = mx.array(np.random.default_rng(1).integers(0, 128, (1, 24)))
+    model(ids[:, :20], cache=csr)
+    model(ids[:, :20], cache=plain)
+    assert can_trim_prompt_cache(csr)
+    assert trim_prompt_cache(csr, remove) == trim_prompt_cache(plain, remove) == remove
+    assert csr[0].offset == 20 - remove and csr[0].n_coded == min(16, 20 - remove)
+    tail = ids[:, 20 - remove : 24 - remove]
+    np.testing.assert_allclose(np.array(model(tail, cache=csr)), np.array(model(tail, cache=plain)), atol=2e-3)
