@@ -6,8 +6,9 @@ One decode step of one layer's attention output over CSR-coded values, two ways,
 - sparse: scatter the attention weights times the coefficients onto the atoms, A[n] = Σ_t a_t Σ_k c_tk·[i_tk = n],
   then one product A @ D with the dictionary (N × w) — the values are never rebuilt.
 
-Shapes are SmolLM2's (3 KV heads, 3 query heads each, d_h = 64, values in s_n = 2 chunks of 32) with
-CSR-4's value sparsity (2 atoms per chunk) and N = 1152 atoms (1024 offline + online/guard). The two
+Shapes are SmolLM2's (3 KV heads, 3 query heads each, d_h = 64) with CSR-4's values as the default
+dictionary codes them (s_n = 1, 4 atoms; `--s-n 2 --atoms 2` for the paper's chunking) and N = 1152
+atoms (1024 offline + online/guard). The two
 outputs are checked equal before timing. Prints a table and writes benchmarks/results/sparse_value_aggregation.md.
 
     python benchmarks/sparse_value_aggregation.py
@@ -25,7 +26,9 @@ import torch
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
-    p.add_argument("--atoms", type=int, default=1152)
+    p.add_argument("--dictionary-atoms", type=int, default=1152)
+    p.add_argument("--s-n", type=int, default=1, help="chunks per value vector")
+    p.add_argument("--atoms", type=int, default=4, help="atoms per chunk")
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--output", default="benchmarks/results/sparse_value_aggregation.md")
     return p
@@ -61,14 +64,15 @@ def time_ms(fn, *args, repeats: int) -> float:
 def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     g = torch.Generator().manual_seed(0)
-    H, G, s_n, s, w = 3, 3, 2, 2, 32
-    dictionary = torch.nn.functional.normalize(torch.randn(args.atoms, w, generator=g), dim=-1)
+    H, G, s_n, s = 3, 3, args.s_n, args.atoms
+    w, n_atoms = 64 // s_n, args.dictionary_atoms
+    dictionary = torch.nn.functional.normalize(torch.randn(n_atoms, w, generator=g), dim=-1)
     lines = [f"One decode step, one layer: attention output over CSR-coded values (H = {H} KV heads × {G} query heads, "
-             f"s_n = {s_n}, {s} atoms per chunk, N = {args.atoms}, fp32, {torch.get_num_threads()} threads).", "",
+             f"s_n = {s_n}, {s} atoms per chunk, N = {n_atoms}, fp32, {torch.get_num_threads()} threads).", "",
              "| context | dense: rebuild V, then a·V (ms) | sparse: scatter a·c onto atoms, then ·D (ms) | speed-up | "
              "saved per step, 30 layers (ms) |", "|---|---|---|---|---|"]
     for T in args.contexts:
-        idx = torch.randint(0, args.atoms, (H, T, s_n, s), generator=g).to(torch.int16)
+        idx = torch.randint(0, n_atoms, (H, T, s_n, s), generator=g).to(torch.int16)
         coef = torch.randn(H, T, s_n, s, generator=g).half()
         weights = torch.softmax(torch.randn(H, G, T, generator=g), dim=-1)
         torch.testing.assert_close(sparse_output(weights, idx, coef, dictionary), dense_output(weights, idx, coef, dictionary),
