@@ -152,7 +152,8 @@ def test_fit_exports_a_loadable_dictionary_and_resumes(tiny_model_dir, other_tin
 def test_two_process_ddp_run_trains(tiny_model_dir, tmp_path):
     out = tmp_path / "ddp"
     args = tiny_fit_args(tiny_model_dir, out, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                         "--trainer.accelerator", "cpu")
+                         "--trainer.accelerator", "cpu",
+                         "--model.s_n_values", "2", "--model.sparsity_values", "2")  # the paper's chunked values
     run = subprocess.run([sys.executable, "-m", "neuraldict.cli", *args], capture_output=True, text=True, timeout=600)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-3000:]
@@ -161,6 +162,7 @@ def test_two_process_ddp_run_trains(tiny_model_dir, tmp_path):
     assert checkpoint["global_step"] == 3
     dictionary = load_dictionary(Path(log.split("Dictionary file: ")[1].split()[0]))
     assert len(dictionary.values.layer_to_group) == 3
+    assert dictionary.values.s_n == 2 and dictionary.values.atoms[0].shape == (32, 8)  # d_h = 16 in two chunks
 
 
 @pytest.mark.parametrize("config", sorted(Path("configs").glob("*.yaml")), ids=lambda p: p.name)
