@@ -342,8 +342,9 @@ class CSRCache(Cache):
         cache = CSRCache(model, "dictionary.safetensors", sparsity=4)     # the paper's "CSR-4"
         model.generate(**inputs, past_key_values=cache)
 
-    `sparsity=s` follows the paper's naming: keys with s atoms, values with s/2 atoms per chunk on
-    s_n = 2 chunks (the value dictionary's s_n). Or give `sparsity_keys` / `sparsity_values` directly.
+    `sparsity=s` follows the paper's naming: keys with s atoms, values with s / s_n atoms per chunk, s_n
+    being the value dictionary's (the paper's 2; 1 for the embedded default), so both cost 32·s/d_h bits
+    per channel. Or give `sparsity_keys` / `sparsity_values` directly.
     `coded_layers` limits coding to some layers; the others keep full-precision K/V (counted too).
     """
 
