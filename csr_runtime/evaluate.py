@@ -29,22 +29,39 @@ _PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here 
 
 
 def make_cache(method: dict, lm, dictionary):
-    """A fresh cache for one method spec: {"name", "type": fp | kivi | csr, ...options}."""
+    """A fresh cache for one method spec: {"name", "type": fp | kivi | quanto | csr, ...options}.
+
+    "quanto" is transformers' own `QuantizedCache` with the optimum-quanto backend (options: nbits 2|4,
+    q_group_size, residual_length, axis_key, axis_value), the library baseline next to our KIVI."""
     options = {k: v for k, v in method.items() if k not in ("name", "type")}
     kind = method["type"]
     if kind == "fp":
         return DynamicCache()
     if kind == "kivi":
         return KIVICache(lm.config.num_hidden_layers, **options)
+    if kind == "quanto":
+        from transformers import QuantizedCache
+
+        return QuantizedCache(backend="quanto", config=lm.config, **options)
     if kind == "csr":
         return CSRCache(lm, dictionary, **options)
-    raise ValueError(f"method type must be one of ['fp', 'kivi', 'csr'], got {kind!r} in {method}")
+    raise ValueError(f"method type must be one of ['fp', 'kivi', 'quanto', 'csr'], got {kind!r} in {method}")
+
+
+def tensor_bytes(t) -> int:
+    """Bytes a tensor holds; quantised tensor subclasses (quanto's packed data, scales, shifts) summed part by part."""
+    if hasattr(t, "__tensor_flatten__"):
+        return sum(tensor_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.nbytes
 
 
 def cache_bytes(cache) -> int:
-    if isinstance(cache, DynamicCache):
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
-    return cache.memory_bytes()
+    """Every byte a cache holds for the sequence: ours report it; transformers' caches are summed here."""
+    if hasattr(cache, "memory_bytes"):
+        return cache.memory_bytes()
+    held = ("keys", "values", "_quantized_keys", "_quantized_values")  # DynamicLayer, QuantizedLayer (+ residual)
+    return sum(tensor_bytes(t) for layer in cache.layers if layer.is_initialized
+               for t in (getattr(layer, name, None) for name in held) if t is not None)
 
 
 @torch.no_grad()
@@ -176,6 +193,7 @@ DEFAULT_METHODS = [
     {"name": "fp32", "type": "fp"},
     {"name": "KIVI-4", "type": "kivi", "bits": 4},
     {"name": "KIVI-2", "type": "kivi", "bits": 2},
+    {"name": "quanto-4", "type": "quanto", "nbits": 4},
 ]
 
 

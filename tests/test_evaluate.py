@@ -5,8 +5,9 @@ import torch
 from transformers import DynamicCache
 
 from csr_runtime.dictionary_file import save_dictionary
-from csr_runtime.evaluate import chunked_log_probs, evaluate
+from csr_runtime.evaluate import cache_bytes, chunked_log_probs, evaluate, make_cache
 from neuraldict.models import load_model
+from tests.conftest import tiny_llama
 from tests.test_cache import complete_dictionary
 
 
@@ -25,7 +26,8 @@ def test_evaluate_writes_the_table_and_exact_methods_have_zero_kl(tiny_model_dir
     methods = [{"name": "fp32", "type": "fp"},
                {"name": "CSR complete", "type": "csr", "sparsity_keys": 16, "sparsity_values": 8,
                 "online_atoms": 0, "guard_atoms": 0},
-               {"name": "KIVI-2", "type": "kivi", "bits": 2, "residual_length": 32, "group_size": 16}]
+               {"name": "KIVI-2", "type": "kivi", "bits": 2, "residual_length": 32, "group_size": 16},
+               {"name": "quanto-4", "type": "quanto", "nbits": 4, "residual_length": 32, "q_group_size": 16}]
     rows = evaluate(model=str(tiny_model_dir), dictionary=str(dictionary), methods=methods, context_lengths=[64, 96],
                     sequences_per_length=1, chunk=8, passkey_length=64, passkey_depths=[0.5], generation_tokens=4,
                     output=str(tmp_path / "report"))
@@ -35,6 +37,22 @@ def test_evaluate_writes_the_table_and_exact_methods_have_zero_kl(tiny_model_dir
     assert by["KIVI-2"]["kl"] > by["CSR complete"]["kl"]
     assert math.isclose(by["fp32"]["bits_per_channel"], 32.0)  # fp32 DynamicCache
     with open(tmp_path / "report" / "eval.csv") as f:
-        assert [r["method"] for r in csv.DictReader(f)] == ["fp32", "CSR complete", "KIVI-2"]
+        assert [r["method"] for r in csv.DictReader(f)] == ["fp32", "CSR complete", "KIVI-2", "quanto-4"]
+    assert 0 < by["quanto-4"]["kl"] and 8 <= by["quanto-4"]["bits_per_channel"] < 32  # transformers' QuantizedCache
     for name in ("eval.md", "memory_vs_length.png", "ppl_vs_bits.png", "memory_trace.csv"):
         assert (tmp_path / "report" / name).is_file()
+
+
+def test_quanto_cache_bytes_count_packed_codes_scales_and_the_residual():
+    lm = tiny_llama(n_layers=2, kv_heads=2)  # head_dim 16
+    cache = make_cache({"name": "q", "type": "quanto", "nbits": 4, "q_group_size": 16, "residual_length": 32}, lm, None)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lm(ids[:, :150], past_key_values=cache)
+        for t in range(150, 200, 10):
+            lm(ids[:, t : t + 10], past_key_values=cache)
+    quantised, residual = cache.layers[0]._quantized_keys.shape[-2], cache.layers[0].keys.shape[-2]
+    assert quantised + residual == 200 and quantised > 0
+    H, d = 2, 16
+    per_kind = quantised * H * d * (4 + 2 * 32 / 16) / 8 + residual * H * d * 4  # 4-bit codes + fp32 scale, shift per 16
+    assert cache_bytes(cache) == 2 * 2 * per_kind
