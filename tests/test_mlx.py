@@ -52,13 +52,17 @@ def tiny_mlx_llama(n_layers=2):
     return model
 
 
+def complete_dictionary(model):
+    """s = d_h: every key and value chunk is coded exactly (up to fp16 coefficients)."""
+    return DictionaryFile(model_fingerprint(model, "tiny"), KindDictionaries(1, 16, [0, 0], [orthonormal(16, 0)]),
+                          KindDictionaries(2, 8, [0, 1], [orthonormal(8, 1), orthonormal(8, 2)]))
+
+
 def test_complete_orthonormal_dictionary_reproduces_kvcache_logits():
     from mlx_lm.models.cache import make_prompt_cache
 
     model = tiny_mlx_llama()
-    fp = model_fingerprint(model, "tiny")
-    dictionary = DictionaryFile(fp, KindDictionaries(1, 16, [0, 0], [orthonormal(16, 0)]),
-                                KindDictionaries(2, 8, [0, 1], [orthonormal(8, 1), orthonormal(8, 2)]))
+    dictionary = complete_dictionary(model)
     csr = make_csr_cache(model, dictionary, online_atoms=0, guard_atoms=0, window=3)
     plain = make_prompt_cache(model)
     ids = mx.array(np.random.default_rng(0).integers(0, 128, (1, 20)))
@@ -155,9 +159,7 @@ def test_trim_matches_kvcache(remove):
     from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
     model = tiny_mlx_llama()
-    fp = model_fingerprint(model, "tiny")
-    dictionary = DictionaryFile(fp, KindDictionaries(1, 16, [0, 0], [orthonormal(16, 0)]),
-                                KindDictionaries(2, 8, [0, 1], [orthonormal(8, 1), orthonormal(8, 2)]))
+    dictionary = complete_dictionary(model)
     csr = make_csr_cache(model, dictionary, online_atoms=0, guard_atoms=0, window=4)
     plain = make_prompt_cache(model)
     ids = mx.array(np.random.default_rng(1).integers(0, 128, (1, 24)))
