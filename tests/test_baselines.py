@@ -63,3 +63,5 @@ def test_compare_rejects_bad_config(tiny_model_dir, tmp_path):
         compare(model=str(tiny_model_dir), methods=["pca"], output=str(tmp_path))
     with pytest.raises(ValueError, match="n_atoms = 4 must be at least the largest sparsity 16"):
         compare(model=str(tiny_model_dir), n_atoms=4, output=str(tmp_path))
+    with pytest.raises(ValueError, match="set s_n_keys: 1 or downstream_sparsity: 0"):
+        compare(model=str(tiny_model_dir), s_n_keys=2, output=str(tmp_path))
