@@ -30,7 +30,9 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from csr_runtime.dictionary_file import INDEX_LIMIT, DictionaryFile, ModelFingerprint, load_dictionary
+from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, index_bits_for, pack_codes, \
+    quantize_coefficients, unpack_codes
+from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
 from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
 
@@ -50,8 +52,25 @@ class CSRSettings:
     guard_atoms: int = 256
     guard_threshold: float = 0.3  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
     window: int = 0  # newest tokens kept in full precision
-    coef_dtype: torch.dtype = torch.float16
+    sink_tokens: int = 0  # first tokens of each row kept in full precision (attention sinks)
+    index_bits: int | None = None  # None: ⌈log2(atoms a row can address)⌉; 16 with fp16 is the paper's layout
+    coef_format: CoefFormat = "fp8"
     seed: int = 0
+
+    def row_capacity(self, n_offline: int) -> int:
+        """Atoms a row's dictionary can address: offline + online + guard."""
+        return n_offline + max(self.online_atoms, 0) + max(self.guard_atoms, 0)
+
+    def index_bits_for(self, n_offline: int) -> int:
+        needed = index_bits_for(self.row_capacity(n_offline))
+        if self.index_bits is None:
+            return needed
+        if self.index_bits < needed:
+            raise ValueError(
+                f"index_bits = {self.index_bits} cannot address {self.row_capacity(n_offline)} atoms "
+                f"({n_offline} offline + {self.online_atoms} online + {self.guard_atoms} guard): use index_bits >= {needed}"
+            )
+        return self.index_bits
 
 
 @dataclass
@@ -62,12 +81,20 @@ class _KindStore:
     extra: torch.Tensor | None = None  # (B, M, w) float16: online + guard atoms per row (zeros unused)
     n_extra: list[int] = field(default_factory=list)  # used extra atoms per row
     n_online: list[int] = field(default_factory=list)
-    idx: torch.Tensor | None = None  # (B, H, T, k) int16
-    coef: torch.Tensor | None = None  # (B, H, T, k) coef_dtype
+    layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
+    scale: float = 1.0  # fp8 coefficients: power-of-two scale, fixed at the first coded tokens
+    codes: torch.Tensor | None = None  # (B, T, layout.nbytes) uint8
     rows: dict = field(default_factory=dict)  # b → offline + extra atoms as one tensor; within one update only
+
+    def quantizer(self):
+        """What MP rounds each coefficient to (None: int8's per-vector scale is known only after coding)."""
+        fmt = self.layout.coef_format
+        return None if fmt == "int8" else (lambda c: quantize_coefficients(c, fmt, self.scale))
 
 
 class CSRLayer(CacheLayerMixin):
+    """One layer's CSR cache. Sequence slots, per row: [sinks (exact)] [coded] [window (exact)]."""
+
     is_sliding = False
     is_croppable = True
 
@@ -82,7 +109,10 @@ class CSRLayer(CacheLayerMixin):
         self.settings = settings
         self.rotary_emb = rotary_emb
         self.stores = {"keys": _KindStore(key_atoms), "values": _KindStore(value_atoms)}
+        self.index_bits = {kind: settings.index_bits_for(store.offline.shape[0]) for kind, store in self.stores.items()}
         self.n_pad: torch.Tensor | None = None  # (B,) leading padding tokens per row
+        self.sink_keys = self.sink_values = None  # (B, H, S, d_h) exact first tokens (keys after RoPE)
+        self.n_sink_slots = 0  # slots held exact at the front: every row's padding + settings.sink_tokens
         self.n_coded = 0
         self.stats = {"guard_atoms": 0, "atoms_refused": 0, "vectors_coded": 0}
 
@@ -92,6 +122,7 @@ class CSRLayer(CacheLayerMixin):
         B, H, _, d = key_states.shape
         self.keys = key_states.new_zeros(B, H, 0, d)  # the full-precision window (post-RoPE keys)
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
+        self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
         for store in self.stores.values():
             store.offline = store.offline.to(self.device)
         self.is_initialized = True
@@ -105,6 +136,7 @@ class CSRLayer(CacheLayerMixin):
         if prefill:
             self.lazy_initialization(key_states, value_states)
             self.n_pad = _leading_padding(positions)
+            self.n_sink_slots = int(self.n_pad.max()) + self.settings.sink_tokens if self.settings.sink_tokens else 0
         self._check_positions(positions)
         # The attention of this call sees the compressed past plus its own tokens exactly (as in
         # transformers' QuantizedLayer); the new tokens are coded for later calls afterwards.
@@ -117,7 +149,12 @@ class CSRLayer(CacheLayerMixin):
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
             # clone: a slice would keep the whole older tensor alive, uncounted by memory_bytes()
             self.keys, self.values = self.keys[..., overflow:, :].clone(), self.values[..., overflow:, :].clone()
-            self._code(old_k, old_v, build_online=prefill)
+            to_sink = min(self.n_sink_slots - self.sink_keys.shape[-2], overflow)  # sinks fill before anything is coded
+            if to_sink > 0:
+                self.sink_keys = torch.cat([self.sink_keys, old_k[..., :to_sink, :]], dim=-2)
+                self.sink_values = torch.cat([self.sink_values, old_v[..., :to_sink, :]], dim=-2)
+            if overflow > max(to_sink, 0):
+                self._code(old_k[..., max(to_sink, 0):, :], old_v[..., max(to_sink, 0):, :], build_online=self.n_coded == 0)
         for store in self.stores.values():
             store.rows.clear()  # hold nothing between steps that memory_bytes() does not count
         return keys_out, values_out
@@ -125,27 +162,34 @@ class CSRLayer(CacheLayerMixin):
     def crop(self, max_length: int) -> None:
         """Drop the newest tokens: `crop(-n)` removes n (transformers 5), `crop(L)` keeps the first L (4.x).
 
-        The window loses its tokens first, then the codes; atoms already added to the dictionary stay."""
+        The window loses its tokens first, then the codes, then the sinks; atoms already added stay."""
         seq = self.get_seq_length()
         keep = seq + max_length if max_length < 0 else max_length
         if not self.is_initialized or keep >= seq:
             return
         keep = max(keep, 0)
-        window_keep = max(keep - self.n_coded, 0)
+        front = self._sink_len() + self.n_coded
+        window_keep = max(keep - front, 0)
         self.keys, self.values = self.keys[..., :window_keep, :].clone(), self.values[..., :window_keep, :].clone()
-        if keep < self.n_coded:
+        coded_keep = min(max(keep - self._sink_len(), 0), self.n_coded)
+        if coded_keep < self.n_coded:
             for store in self.stores.values():
-                store.idx, store.coef = store.idx[:, :, :keep].clone(), store.coef[:, :, :keep].clone()
-            self.n_coded = keep
+                store.codes = store.codes[:, :coded_keep].clone()
+            self.n_coded = coded_keep
+        if keep < self._sink_len():
+            self.sink_keys, self.sink_values = self.sink_keys[..., :keep, :].clone(), self.sink_values[..., :keep, :].clone()
 
     def get_seq_length(self) -> int:
-        return 0 if not self.is_initialized else self.n_coded + self.keys.shape[-2]
+        return 0 if not self.is_initialized else self._sink_len() + self.n_coded + self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
+
+    def _sink_len(self) -> int:
+        return self.sink_keys.shape[-2]
 
     # -- positions --------------------------------------------------------------------------------
     def _positions(self, start: int, length: int) -> torch.Tensor:
@@ -154,7 +198,7 @@ class CSRLayer(CacheLayerMixin):
         return (t[None] - self.n_pad[:, None]).clamp_min(0)
 
     def _check_positions(self, positions: torch.Tensor) -> None:
-        start = self.n_coded + self.keys.shape[-2]
+        start = self.get_seq_length()
         expected = self._positions(start, positions.shape[1])
         real = torch.arange(start, start + positions.shape[1], device=self.device)[None] >= self.n_pad[:, None]
         if not torch.equal(positions[real], expected[real]):
@@ -165,24 +209,35 @@ class CSRLayer(CacheLayerMixin):
 
     # -- coding -----------------------------------------------------------------------------------
     def _code(self, keys_rotated: torch.Tensor, values: torch.Tensor, *, build_online: bool) -> None:
-        """Code (B, H, T, d) post-RoPE keys and values of sequence slots n_coded..n_coded+T-1 and append."""
+        """Code (B, H, T, d) post-RoPE keys and values of the next T coded slots and append their packed codes."""
         B, H, T, d = keys_rotated.shape
-        cos, sin = rope_cos_sin(self.rotary_emb, self._positions(self.n_coded, T), torch.float32)
+        first = self._sink_len() + self.n_coded  # sequence slot of the first vector coded here
+        cos, sin = rope_cos_sin(self.rotary_emb, self._positions(first, T), torch.float32)
         keys = unrotate(keys_rotated.float(), cos, sin)
-        real = torch.arange(self.n_coded, self.n_coded + T, device=self.device)[None] >= self.n_pad[:, None]  # (B, T)
+        real = torch.arange(first, first + T, device=self.device)[None] >= self.n_pad[:, None]  # (B, T)
         s = self.settings
         for kind, x, k, s_n in (("keys", keys, s.sparsity_keys, 1), ("values", values.float(), s.sparsity_values, s.s_n_values)):
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             store = self.stores[kind]
+            if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
+                store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
+                store.scale = fp8_scale(float(chunks.norm(dim=-1).max()))
             if build_online:
                 self._add_online(store, chunks, real)
             idx, coef = self._encode_rows(store, chunks, k)  # (B, H, T, s_n·k)
             idx, coef = self._guard(store, chunks, real, idx, coef, k)
-            store.idx = idx.to(torch.int16) if store.idx is None else torch.cat([store.idx, idx.to(torch.int16)], dim=2)
-            c = coef.to(s.coef_dtype)
-            store.coef = c if store.coef is None else torch.cat([store.coef, c], dim=2)
+            # (B, H, T, s_n·k) → per token (B·T, H·s_n, k) → (B, T, nbytes)
+            per_token = lambda t: t.view(B, H, T, s_n, k).permute(0, 2, 1, 3, 4).reshape(B * T, H * s_n, k)
+            packed = pack_codes(per_token(idx), per_token(coef), store.layout, scale=store.scale).view(B, T, -1)
+            store.codes = packed if store.codes is None else torch.cat([store.codes, packed], dim=1)
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
+
+    def _unpacked(self, store: _KindStore, b: int, H: int, s_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row b's codes → idx, coef: (H, n_coded, s_n, k)."""
+        idx, coef = unpack_codes(store.codes[b], store.layout, scale=store.scale)  # (n, H·s_n, k)
+        shape = (self.n_coded, H, s_n, store.layout.k)
+        return idx.view(shape).transpose(0, 1), coef.view(shape).transpose(0, 1)
 
     def _row_dictionary(self, store: _KindStore, b: int) -> torch.Tensor:
         if store.extra is None or store.n_extra[b] == 0:
@@ -195,18 +250,19 @@ class CSRLayer(CacheLayerMixin):
         B, H, T, s_n, w = chunks.shape
         idx, coef = [], []
         for b in range(B):
-            i, c = sparse_encode(chunks[b].reshape(-1, w), self._row_dictionary(store, b), s=k, method=self.settings.method)
+            i, c = sparse_encode(chunks[b].reshape(-1, w), self._row_dictionary(store, b), s=k, method=self.settings.method,
+                                 quantize=store.quantizer())
             idx.append(i.view(H, T, s_n * k))
             coef.append(c.view(H, T, s_n * k))
         return torch.stack(idx), torch.stack(coef)
 
     def _append_atoms(self, store: _KindStore, b: int, atoms: torch.Tensor) -> int:
-        """Append unit-normalised atoms to row b's extra part, within the int16 index range. Returns how many."""
+        """Append unit-normalised atoms to row b's extra part, within what the index bits address. Returns how many."""
         B = self.n_pad.shape[0]
         if store.extra is None:
             store.extra = torch.zeros(B, 0, store.offline.shape[1], dtype=torch.float16, device=self.device)
             store.n_extra, store.n_online = [0] * B, [0] * B
-        room = INDEX_LIMIT - 1 - store.offline.shape[0] - store.n_extra[b]
+        room = self.settings.row_capacity(store.offline.shape[0]) - store.offline.shape[0] - store.n_extra[b]
         take = min(len(atoms), max(room, 0))
         self.stats["atoms_refused"] += len(atoms) - take
         if take == 0:
@@ -259,7 +315,7 @@ class CSRLayer(CacheLayerMixin):
                 continue
             self.stats["guard_atoms"] += added
             recode = worst[:added]
-            i, c = sparse_encode(x[recode], self._row_dictionary(store, b), s=k, method=s.method)
+            i, c = sparse_encode(x[recode], self._row_dictionary(store, b), s=k, method=s.method, quantize=store.quantizer())
             idx_b, coef_b = idx[b].reshape(-1, k).clone(), coef[b].reshape(-1, k).clone()
             idx_b[recode], coef_b[recode] = i, c
             idx[b], coef[b] = idx_b.view(H, T, s_n * k), coef_b.view(H, T, s_n * k)
@@ -267,28 +323,27 @@ class CSRLayer(CacheLayerMixin):
 
     # -- decoding ---------------------------------------------------------------------------------
     def _assemble(self, kind: str, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """(B, H, n_coded + window + T, d): the decoded past (keys rotated again), the window, the new tokens.
-
-        Written into one preallocated tensor: no concatenation and no rotation temporaries per step."""
+        """(B, H, sinks + n_coded + window + T, d): the sinks, the decoded past (keys rotated again), the
+        window, the new tokens. Written into one preallocated tensor: no concatenation per step."""
         B, H, T, d = new.shape
-        n, W = self.n_coded, window.shape[-2]
-        out = new.new_empty(B, H, n + W + T, d)
-        out[..., n : n + W, :] = window
-        out[..., n + W :, :] = new
+        S, n, W = self._sink_len(), self.n_coded, window.shape[-2]
+        out = new.new_empty(B, H, S + n + W + T, d)
+        out[..., :S, :] = self.sink_keys if kind == "keys" else self.sink_values
+        out[..., S + n : S + n + W, :] = window
+        out[..., S + n + W :, :] = new
         if n == 0:
             return out
         store = self.stores[kind]
         s_n = 1 if kind == "keys" else self.settings.s_n_values
-        k = store.idx.shape[-1] // s_n
         if kind == "keys":
             cos, sin = self._coded_cos_sin()
         for b in range(B):
-            D = self._row_dictionary(store, b)
-            x = sparse_decode(store.idx[b].view(H, n, s_n, k), store.coef[b].view(H, n, s_n, k), D).view(H, n, d)
+            idx, coef = self._unpacked(store, b, H, s_n)
+            x = sparse_decode(idx, coef, self._row_dictionary(store, b)).view(H, n, d)
             if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
-                rotate_into(out[b : b + 1, :, :n], x[None], cos[b : b + 1], sin[b : b + 1])
+                rotate_into(out[b : b + 1, :, S : S + n], x[None], cos[b : b + 1], sin[b : b + 1])
             else:
-                out[b, :, :n] = x
+                out[b, :, S : S + n] = x
         return out
 
     def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -298,9 +353,9 @@ class CSRLayer(CacheLayerMixin):
 
     def _coded_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the coded positions; the first layer of a step computes them, the last one frees them."""
-        memo_key = (self.n_coded, tuple(self.n_pad.tolist()))
+        memo_key = (self._sink_len(), self.n_coded, tuple(self.n_pad.tolist()))
         if self.rope_memo.get("key") != memo_key:
-            cos_sin = rope_cos_sin(self.rotary_emb, self._positions(0, self.n_coded), torch.float32)
+            cos_sin = rope_cos_sin(self.rotary_emb, self._positions(self._sink_len(), self.n_coded), torch.float32)
             self.rope_memo.update(key=memo_key, cos_sin=cos_sin)
         cos_sin = self.rope_memo["cos_sin"]
         if self.last_layer:
@@ -310,9 +365,9 @@ class CSRLayer(CacheLayerMixin):
     # -- accounting -------------------------------------------------------------------------------
     def held_tensors(self, include_offline: bool = False) -> list[torch.Tensor]:
         """Every tensor this layer holds for the sequence (offline atoms only if asked: they are shared)."""
-        out = [t for t in (self.keys, self.values, self.n_pad) if t is not None]
+        out = [t for t in (self.keys, self.values, self.sink_keys, self.sink_values, self.n_pad) if t is not None]
         for store in self.stores.values():
-            out += [t for t in (store.idx, store.coef, store.extra) if t is not None]
+            out += [t for t in (store.codes, store.extra) if t is not None]
             if include_offline:
                 out.append(store.offline)
         return out
@@ -362,7 +417,9 @@ class CSRCache(Cache):
         guard_atoms: int = 256,
         guard_threshold: float = 0.3,
         window: int = 0,
-        coef_bits: Literal[8, 16] = 16,
+        sink_tokens: int = 0,
+        index_bits: int | None = None,
+        coef_format: CoefFormat = "fp8",
         coded_layers: list[int] | None = None,
         model_id: str = "model",
     ):
@@ -378,15 +435,21 @@ class CSRCache(Cache):
             raise ValueError(f"key dictionaries with s_n = {dictionary.keys.s_n} are not supported by CSRCache; use s_n = 1")
         s_n_v = dictionary.values.s_n
         sparsity_keys, sparsity_values = dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
-        if coef_bits not in (8, 16):
-            raise ValueError(f"coef_bits has to be one of [8, 16] but got {coef_bits}")
+        if coef_format not in COEF_FORMATS:
+            raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
+        if index_bits is not None and not 1 <= index_bits <= 16:
+            raise ValueError(f"index_bits has to be None (as many as the dictionary needs) or in 1..16, got {index_bits}")
+        for name, value in (("window", window), ("sink_tokens", sink_tokens), ("online_atoms", online_atoms),
+                            ("guard_atoms", guard_atoms)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         if online_sampling not in ("reverse", "uniform"):
             raise ValueError(f"online_sampling has to be 'reverse' or 'uniform', got {online_sampling!r}")
         self.settings = CSRSettings(
             sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=s_n_v, method=method,
             online_atoms=online_atoms, online_sampling=online_sampling, guard_atoms=guard_atoms,
-            guard_threshold=guard_threshold, window=window,
-            coef_dtype=torch.float16 if coef_bits == 16 else torch.float8_e4m3fn,
+            guard_threshold=guard_threshold, window=window, sink_tokens=sink_tokens, index_bits=index_bits,
+            coef_format=coef_format,
         )
         self.fingerprint = fingerprint
         coded = sorted(set(range(fingerprint.n_layers) if coded_layers is None else coded_layers))
@@ -423,10 +486,14 @@ class CSRCache(Cache):
         return self.memory_bytes(include_offline) * 8 / channels
 
     def nominal_bits_per_channel(self) -> float:
-        """32 · s · s_n / d_h for keys and values averaged: the codes alone, no dictionaries or window."""
-        s, d = self.settings, self.fingerprint.head_dim
-        code_bits = 16 + torch.finfo(s.coef_dtype).bits
-        return code_bits * (s.sparsity_keys + s.sparsity_values * s.s_n_values) / (2 * d)
+        """The packed codes alone, keys and values averaged, no atoms, sinks or window: one token's bytes
+        · 8 / (KV heads · d_h). With the paper's layout (16-bit indices, fp16) this is 32 · s · s_n / d_h."""
+        layer, fp, s = self._coded[0], self.fingerprint, self.settings
+        bits = 0
+        for kind, k, s_n in (("keys", s.sparsity_keys, 1), ("values", s.sparsity_values, s.s_n_values)):
+            layout = CodeLayout(groups=fp.n_kv_heads * s_n, k=k, index_bits=layer.index_bits[kind], coef_format=s.coef_format)
+            bits += layout.nbytes * 8
+        return bits / (2 * fp.n_kv_heads * fp.head_dim)
 
     def stats(self) -> dict[str, int]:
         out = {}

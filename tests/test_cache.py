@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -32,18 +34,24 @@ def random_dictionary(lm, n_atoms=64, n_layers=2):
                           KindDictionaries(2, 2, [0] * n_layers, [random_atoms(n_atoms, 8, 1)]))
 
 
-@pytest.mark.parametrize("window", [0, 5])
-def test_complete_orthonormal_dictionary_reproduces_dynamic_cache(window):
+PAPER_LAYOUT = dict(index_bits=16, coef_format="fp16")  # int16 indices + fp16 coefficients
+PACKED_FP16 = dict(coef_format="fp16")  # indices at the bits they need, exact-enough coefficients
+
+
+@pytest.mark.parametrize("window,sinks,layout", [(0, 0, PAPER_LAYOUT), (5, 0, PACKED_FP16), (0, 3, PACKED_FP16),
+                                                 (5, 2, PAPER_LAYOUT)])
+def test_complete_orthonormal_dictionary_reproduces_dynamic_cache(window, sinks, layout):
     lm = tiny_llama(n_layers=2, heads=4, kv_heads=2)  # GQA
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
-    cache = CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, window=window)
+    cache = CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, window=window, sink_tokens=sinks,
+                     **layout)
     reference = DynamicCache()
     with torch.no_grad():
         for part in (ids[:, :12], ids[:, 12:20], ids[:, 20:21], ids[:, 21:]):  # prefill, a chunk, single steps
             expected = lm(part, past_key_values=reference).logits
             got = lm(part, past_key_values=cache).logits
             torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)  # fp16 coefficients
-    assert cache.get_seq_length() == 24 and cache.layers[0].n_coded == 24 - window
+    assert cache.get_seq_length() == 24 and cache.layers[0].n_coded == 24 - window - sinks
 
 
 def test_generate_with_csr_cache_matches_dynamic_cache_when_exact():
@@ -51,30 +59,34 @@ def test_generate_with_csr_cache_matches_dynamic_cache_when_exact():
     ids = torch.randint(1, 128, (1, 10), generator=torch.Generator().manual_seed(1))
     expected = lm.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     got = lm.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                      past_key_values=CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0))
+                      past_key_values=CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, **PACKED_FP16))
     assert torch.equal(got, expected)
 
 
-def test_memory_bytes_counts_every_held_tensor_and_matches_the_formula():
+@pytest.mark.parametrize("coef_format,coef_bits,scale_bits", [("fp8", 8, 0), ("int8", 8, 16), ("fp16", 16, 0)])
+def test_memory_bytes_counts_every_held_tensor_and_matches_the_packed_formula(coef_format, coef_bits, scale_bits):
     lm = tiny_llama(n_layers=2, kv_heads=2)
-    cache = CSRCache(lm, random_dictionary(lm), sparsity_keys=4, sparsity_values=2, online_atoms=6, guard_atoms=0, window=3)
+    cache = CSRCache(lm, random_dictionary(lm), sparsity_keys=4, sparsity_values=2, online_atoms=6, guard_atoms=0, window=3,
+                     sink_tokens=2, coef_format=coef_format)
     B, T = 2, 17
     with torch.no_grad():
         lm(torch.randint(0, 128, (B, T)), past_key_values=cache)
     held = sum(t.nbytes for layer in cache.layers for t in layer.held_tensors())
     assert cache.memory_bytes() == held
-    H, coded = 2, T - 3
-    codes = B * H * coded * (4 + 2 * 2) * (2 + 2)  # int16 index + fp16 coefficient per pair
+    H, coded, index_bits = 2, T - 3 - 2, 7  # 64 offline + 6 online atoms: ⌈log2 70⌉ = 7 bits an index
+    key_bits = H * (scale_bits + 4 * (index_bits + coef_bits))  # one token's key code: H heads × 4 atoms
+    value_bits = H * 2 * (scale_bits + 2 * (index_bits + coef_bits))  # H heads × 2 chunks × 2 atoms
+    codes = B * coded * (math.ceil(key_bits / 8) + math.ceil(value_bits / 8))
     online = B * 6 * (16 + 8) * 2  # fp16 atoms, keys (w=16) and values (w=8)
-    window = 2 * B * H * 3 * 16 * 4  # fp32 K and V
-    per_layer = codes + online + window + B * 8  # + n_pad (int64 per row)
+    exact = 2 * B * H * (3 + 2) * 16 * 4  # fp32 K and V of the window and the sinks
+    per_layer = codes + online + exact + B * 8  # + n_pad (int64 per row)
     assert cache.memory_bytes() == 2 * per_layer
     assert cache.memory_bytes(include_offline=True) == cache.memory_bytes() + (64 * 16 + 64 * 8) * 4
 
 
 def test_bits_per_channel_of_codes_alone_is_32_s_sn_over_dh():
     lm = tiny_llama(n_layers=2, kv_heads=2)
-    cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0)  # CSR-4: K s=4, V 2×2
+    cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, **PAPER_LAYOUT)  # CSR-4
     assert (cache.settings.sparsity_keys, cache.settings.sparsity_values) == (4, 2)
     with torch.no_grad():
         lm(torch.randint(0, 128, (1, 300)), past_key_values=cache)
@@ -128,18 +140,21 @@ def _states(lm, ids, layer):
     return cache.layers[layer].keys, cache.layers[layer].values
 
 
-def test_index_range_is_respected_and_reported():
+def test_index_bits_address_offline_online_and_guard_atoms():
     lm = tiny_llama(n_layers=1)
     fp = model_fingerprint(lm, "tiny")
-    big = DictionaryFile(fp, KindDictionaries(1, 2, [0], [random_atoms(32760, 16, 0)]),
-                         KindDictionaries(2, 1, [0], [random_atoms(64, 8, 1)]))
-    cache = CSRCache(lm, big, online_atoms=50, guard_atoms=0)
+    d = DictionaryFile(fp, KindDictionaries(1, 2, [0], [random_atoms(100, 16, 0)]),
+                       KindDictionaries(2, 1, [0], [random_atoms(64, 8, 1)]))
+    cache = CSRCache(lm, d, online_atoms=20, guard_atoms=8, guard_threshold=0.0)  # 128 / 92 atoms: 7 bits each
+    assert cache.layers[0].index_bits == {"keys": 7, "values": 7}
     with torch.no_grad():
         lm(torch.randint(0, 128, (1, 40)), past_key_values=cache)
     store = cache.layers[0].stores["keys"]
-    assert store.offline.shape[0] + store.n_extra[0] == 32767
-    assert cache.stats()["atoms_refused"] == 50 - 7
-    assert int(store.idx.max()) <= 32766
+    assert store.offline.shape[0] + store.n_extra[0] == 128 and cache.stats()["atoms_refused"] == 0
+    idx, _ = cache.layers[0]._unpacked(store, 0, 2, 1)
+    assert 100 <= int(idx.max()) < 128  # extra atoms are used and addressed
+    with pytest.raises(ValueError, match="index_bits = 6 cannot address 128 atoms"):
+        CSRCache(lm, d, online_atoms=20, guard_atoms=8, index_bits=6)
 
 
 def test_bad_inputs():
@@ -149,8 +164,10 @@ def test_bad_inputs():
                            KindDictionaries(2, 1, [0, 0], [random_atoms(8, 32, 0)]))
     with pytest.raises(ValueError, match="head_dim: dictionary has 64, model has 16"):
         CSRCache(lm, other)
-    with pytest.raises(ValueError, match="coef_bits has to be one of"):
-        CSRCache(lm, random_dictionary(lm), coef_bits=4)
+    with pytest.raises(ValueError, match="coef_format has to be one of"):
+        CSRCache(lm, random_dictionary(lm), coef_format="int4")
+    with pytest.raises(ValueError, match="sink_tokens must be >= 0"):
+        CSRCache(lm, random_dictionary(lm), sink_tokens=-1)
     with pytest.raises(ValueError, match="multiple of 2"):
         CSRCache(lm, random_dictionary(lm), sparsity=3)
     cache = CSRCache(lm, random_dictionary(lm))
@@ -160,17 +177,25 @@ def test_bad_inputs():
         cache.layers[0].update(k, torch.randn(1, 2, 4, 16))
 
 
-def test_eight_bit_coefficients_halve_the_coefficient_bytes():
+def test_packed_codes_take_fewer_bytes_than_the_papers_layout_and_stay_close():
     lm = tiny_llama(n_layers=2)
-    ids = torch.randint(0, 128, (1, 64))
-    sizes = {}
-    for bits in (16, 8):
-        cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, coef_bits=bits)
+    ids = torch.randint(0, 128, (1, 64), generator=torch.Generator().manual_seed(4))
+    sizes, read = {}, {}
+    exact = DynamicCache()
+    with torch.no_grad():
+        lm(ids, past_key_values=exact)
+    for name, layout in (("paper", PAPER_LAYOUT), ("fp8", {}), ("int8", {"coef_format": "int8"})):
+        cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, **layout)
         with torch.no_grad():
             lm(ids, past_key_values=cache)
-        sizes[bits] = cache.memory_bytes()
-        assert cache.layers[0].stores["keys"].coef.element_size() == bits // 8
-    assert sizes[8] == sizes[16] * 3 // 4 + 2 * 8 // 4  # codes: 4 → 3 bytes per pair (n_pad unchanged)
+        sizes[name] = cache.memory_bytes() - 2 * 8  # n_pad aside
+        read[name] = cache.layers[0].read_back()[1]
+    # 64 atoms → 6-bit indices: keys 2 heads × 4 × (6 + 8) = 112 bits = 14 bytes a token vs 2 × 4 × 4 = 32
+    assert sizes["fp8"] == 2 * 64 * (14 + 14) and sizes["paper"] == 2 * 64 * (32 + 32)
+    assert sizes["int8"] == 2 * 64 * (18 + 22)  # + a 16-bit scale per head chunk
+    err = {name: float(((v - exact.layers[0].values) ** 2).sum() / (exact.layers[0].values ** 2).sum()) for name, v in read.items()}
+    for name in ("fp8", "int8"):  # 8-bit coefficients cost little next to the sparse approximation itself
+        assert err[name] < 1.1 * err["paper"], err
 
 
 def test_window_does_not_pin_older_tensors():
@@ -190,7 +215,8 @@ def test_generate_with_csr_cache_on_real_smollm2(smollm2, smollm2_kmeans_diction
     prompt = ("Paris is the capital and largest city of France. Berlin is the capital of Germany. "
               "Madrid is the capital of Spain. The capital of France is")
     ids = tokenizer(prompt, return_tensors="pt")
-    cache = CSRCache(lm, smollm2_kmeans_dictionary, sparsity=8, online_atoms=0, guard_atoms=0)  # offline atoms only
+    cache = CSRCache(lm, smollm2_kmeans_dictionary, sparsity=8, online_atoms=0, guard_atoms=0,  # offline atoms only
+                     **PAPER_LAYOUT)
     out = lm.generate(**ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert cache.layers[0].n_coded == ids["input_ids"].shape[1] + 3  # every token but the last is held as codes
@@ -220,7 +246,7 @@ def test_layers_left_out_of_coded_layers_stay_exact_and_are_counted():
 def test_crop_matches_dynamic_cache(remove):
     lm = tiny_llama(n_layers=2, kv_heads=2)
     ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(5))
-    cache = CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, window=4)
+    cache = CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, window=4, **PACKED_FP16)
     reference = DynamicCache()
     with torch.no_grad():
         lm(ids[:, :20], past_key_values=cache)
@@ -233,3 +259,19 @@ def test_crop_matches_dynamic_cache(remove):
         torch.testing.assert_close(lm(tail, past_key_values=cache).logits, lm(tail, past_key_values=reference).logits,
                                    atol=2e-3, rtol=0)
     assert cache.memory_bytes() == sum(t.nbytes for layer in cache.layers for t in layer.held_tensors())
+
+
+def test_sink_tokens_are_held_exactly_and_counted():
+    lm = tiny_llama(n_layers=2, kv_heads=2)
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(6))
+    cache = CSRCache(lm, random_dictionary(lm, n_atoms=8), sparsity_keys=1, sparsity_values=1, online_atoms=0,
+                     guard_atoms=0, sink_tokens=4)
+    reference = DynamicCache()
+    with torch.no_grad():
+        lm(ids, past_key_values=cache)
+        lm(ids, past_key_values=reference)
+    keys, values = cache.layers[1].read_back()
+    assert torch.equal(keys[:, :, :4], reference.layers[1].keys[:, :, :4])  # the sinks: exact
+    assert torch.equal(values[:, :, :4], reference.layers[1].values[:, :, :4])
+    assert not torch.allclose(values[:, :, 4:], reference.layers[1].values[:, :, 4:], atol=1e-2)  # the rest: coded
+    assert cache.layers[1].n_coded == 16 and cache.get_seq_length() == 20
