@@ -30,8 +30,9 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, index_bits_for, pack_codes, \
-    quantize_coefficients, unpack_codes
+from csr_runtime.code_layout import row_index_bits
+from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
+    unpack_codes
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
 from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
@@ -61,16 +62,6 @@ class CSRSettings:
         """Atoms a row's dictionary can address: offline + online + guard."""
         return n_offline + max(self.online_atoms, 0) + max(self.guard_atoms, 0)
 
-    def index_bits_for(self, n_offline: int) -> int:
-        needed = index_bits_for(self.row_capacity(n_offline))
-        if self.index_bits is None:
-            return needed
-        if self.index_bits < needed:
-            raise ValueError(
-                f"index_bits = {self.index_bits} cannot address {self.row_capacity(n_offline)} atoms "
-                f"({n_offline} offline + {self.online_atoms} online + {self.guard_atoms} guard): use index_bits >= {needed}"
-            )
-        return self.index_bits
 
 
 @dataclass
@@ -109,7 +100,8 @@ class CSRLayer(CacheLayerMixin):
         self.settings = settings
         self.rotary_emb = rotary_emb
         self.stores = {"keys": _KindStore(key_atoms), "values": _KindStore(value_atoms)}
-        self.index_bits = {kind: settings.index_bits_for(store.offline.shape[0]) for kind, store in self.stores.items()}
+        self.index_bits = {kind: row_index_bits(settings.index_bits, store.offline.shape[0], settings.online_atoms,
+                                               settings.guard_atoms) for kind, store in self.stores.items()}
         self.n_pad: torch.Tensor | None = None  # (B,) leading padding tokens per row
         self.sink_keys = self.sink_values = None  # (B, H, S, d_h) exact first tokens (keys after RoPE)
         self.n_sink_slots = 0  # slots held exact at the front: every row's padding + settings.sink_tokens

@@ -96,6 +96,7 @@ def evaluate(
     model: str = "smollm2-135m-instruct",
     dictionary: str | None = None,
     corpus: str = "python-docs",
+    split: str = "test",
     methods: list[dict] | None = None,
     context_lengths: list[int] = (512, 1024, 2048),
     sequences_per_length: int = 2,
@@ -112,7 +113,8 @@ def evaluate(
     Args:
         model: Hugging Face id, local folder, or the embedded SmolLM2.
         dictionary: the dictionary file for CSR methods (from `lightning fit`); required if any method is CSR.
-        corpus: text source; its test split (never used for calibration) is scored.
+        corpus: text source.
+        split: "test" for reported numbers; "validation" to choose settings (never tune on the test split).
         methods: list of {name, type: fp|kivi|csr, ...cache options}; the first fp method is the reference.
         context_lengths: sequence lengths L scored.
         sequences_per_length: held-out sequences per length.
@@ -138,11 +140,13 @@ def evaluate(
             raise ValueError("CSR methods need a dictionary file: pass --dictionary runs/llama/.../dictionary.safetensors")
         dict_file = load_dictionary(dictionary, model=model_fingerprint(lm, model))
     fp = model_fingerprint(lm, model)
-    docs = load_corpus(corpus, "test")
+    if split not in ("validation", "test"):
+        raise ValueError(f"split has to be 'validation' (choosing settings) or 'test' (reporting), got {split!r}")
+    docs = load_corpus(corpus, split)
     results = {m["name"]: {"nll": {}, "kl": 0.0, "top1": 0.0, "n": 0, "trace": [], "seconds": 0.0} for m in methods}
     jobs = [(L, s, m) for L in context_lengths for s in range(sequences_per_length) for m in methods]
     bar = tqdm(jobs, desc="Evaluating caches", dynamic_ncols=True)
-    windows = {L: token_windows(tokenizer, docs, window=L, max_tokens=L * sequences_per_length, source=f"test split of {corpus!r}")
+    windows = {L: token_windows(tokenizer, docs, window=L, max_tokens=L * sequences_per_length, source=f"{split} split of {corpus!r}")
                for L in context_lengths}
     reference = None
     for L, seq, method in bar:
@@ -181,10 +185,10 @@ def evaluate(
         row = {"method": m["name"], "bits_per_channel": r["bits"]}
         for L in context_lengths:
             row[f"ppl@{L}"] = math.exp(float(torch.cat(r["nll"][L]).mean()))
-        row.update({"kl": r["kl"] / r["n"], "top1": r["top1"] / r["n"], "passkey": sum(hits) / len(hits),
+        row.update({"kl": r["kl"] / r["n"], "top1": r["top1"] / r["n"], "passkey": sum(hits) / len(hits) if hits else float("nan"),
                     "cache_MB": r["bytes"] / 2**20, "seconds": r["seconds"], "sample": text.replace("\n", " ")})
         rows.append(row)
-    write_report(rows, results, Path(output), context_lengths=context_lengths, prefix_fraction=prefix_fraction,
+    write_report(rows, results, Path(output), split=split, context_lengths=context_lengths, prefix_fraction=prefix_fraction,
                  chunk=chunk, methods=methods)
     return rows
 
@@ -197,7 +201,7 @@ DEFAULT_METHODS = [
 ]
 
 
-def write_report(rows, results, folder: Path, *, context_lengths, prefix_fraction, chunk, methods) -> None:
+def write_report(rows, results, folder: Path, *, split="test", context_lengths, prefix_fraction, chunk, methods) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     base = rows[0]
     with open(folder / "eval.csv", "w", newline="") as f:
@@ -206,7 +210,7 @@ def write_report(rows, results, folder: Path, *, context_lengths, prefix_fractio
         w.writerows(rows)
     ppl_cols = [f"ppl@{L}" for L in context_lengths]
     head = ["method", "bits/channel", *ppl_cols, f"Δppl@{context_lengths[-1]}", "KL", "top-1", "passkey", "cache MB", "s"]
-    lines = [f"Held-out perplexity: prefix P = {prefix_fraction:g}·L prefilled, the rest decoded in chunks of c = {chunk} "
+    lines = [f"Held-out perplexity ({split} split): prefix P = {prefix_fraction:g}·L prefilled, the rest decoded in chunks of c = {chunk} "
              f"tokens from the cache; bits/channel and cache MB measured at L = {context_lengths[-1]} (every held tensor).",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     last = ppl_cols[-1]

@@ -2,12 +2,13 @@
 
 One object per layer, following mlx-lm's cache protocol (`update_and_fetch`, `offset`, `make_mask`,
 `empty`, `nbytes`), so a list of them is a `prompt_cache` for `mlx_lm.generate` / `stream_generate`.
-Keys arrive rotated; they are un-rotated with the model's RoPE, coded before RoPE with int16 indices
-and fp16 coefficients, and rotated again when read. Per layer the dictionary is offline (file) +
+Keys arrive rotated; they are un-rotated with the model's RoPE, coded before RoPE, bit-packed per
+token in the layout of `csr_runtime.code_layout` (the same bytes as the torch runtime), and rotated
+again when read. The first `sink_tokens` tokens stay exact. Per layer the dictionary is offline (file) +
 online (the prompt's own vectors, most recent first) + guard (vectors whose relative residual stays
 above a threshold); the newest `window` tokens stay in full precision. The call's own new K/V reach
 the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
-Not supported here (use the PyTorch runtime): left-padded batches, 8-bit coefficients; nor saving
+Not supported here (use the PyTorch runtime): left-padded batches; nor saving
 prompt caches (mlx-lm's loader only rebuilds its own cache classes).
 """
 
@@ -20,7 +21,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import create_attention_mask
 
-from csr_runtime.dictionary_file import INDEX_LIMIT, DictionaryFile, ModelFingerprint, load_dictionary
+from csr_runtime.code_layout import COEF_FORMATS, row_index_bits
+from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
+from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
 from mlx_backend.rope import rotate, unrotate
 from mlx_backend.sparse_coding import sparse_decode, sparse_encode, split_chunks
 
@@ -35,6 +38,9 @@ class CSRSettings:
     guard_atoms: int = 256
     guard_threshold: float = 0.3
     window: int = 0
+    sink_tokens: int = 0  # first tokens kept in full precision (attention sinks)
+    index_bits: int | None = None  # None: ⌈log2(atoms a row can address)⌉
+    coef_format: str = "fp8"
 
 
 @dataclass
@@ -42,15 +48,23 @@ class _KindStore:
     offline: mx.array  # (N_off, w) float32
     extra: list = field(default_factory=list)  # per row: (M_b, w) float16 online + guard atoms
     n_online: list = field(default_factory=list)
-    idx: mx.array | None = None  # (B, H, T, k) int16
-    coef: mx.array | None = None  # (B, H, T, k) float16
+    layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
+    scale: float = 1.0  # fp8 coefficients: power-of-two scale, fixed at the first coded tokens
+    codes: mx.array | None = None  # (B, T, layout.nbytes) uint8
+
+    def quantizer(self):
+        fmt = self.layout.coef_format
+        return None if fmt == "int8" else (lambda c: quantize_coefficients(c, fmt, self.scale))
 
 
 class CSRKVCache:
     def __init__(self, layer_idx: int, key_atoms, value_atoms, rope, settings: CSRSettings):
         self.layer_idx, self.rope, self.settings = layer_idx, rope, settings
         self.stores = {"keys": _KindStore(mx.array(key_atoms)), "values": _KindStore(mx.array(value_atoms))}
+        self.index_bits = {kind: row_index_bits(settings.index_bits, store.offline.shape[0], settings.online_atoms,
+                                                settings.guard_atoms) for kind, store in self.stores.items()}
         self.keys = self.values = None  # full-precision window, keys after RoPE
+        self.sink_keys = self.sink_values = None  # exact first tokens (keys after RoPE)
         self.offset = 0
         self.n_coded = 0
         self.stats = {"guard_atoms": 0, "atoms_refused": 0, "vectors_coded": 0}
@@ -64,8 +78,9 @@ class CSRKVCache:
         if prefill:
             B, H, _, d = keys.shape
             self.keys, self.values = keys[:, :, :0], values[:, :, :0]
-        keys_out = mx.concatenate([self._decoded_keys(), self.keys, keys], axis=2)
-        values_out = mx.concatenate([self._decoded_values(), self.values, values], axis=2)
+            self.sink_keys, self.sink_values = self.keys, self.values
+        keys_out = mx.concatenate([self.sink_keys, self._decoded_keys(), self.keys, keys], axis=2)
+        values_out = mx.concatenate([self.sink_values, self._decoded_values(), self.values, values], axis=2)
         self.keys = mx.concatenate([self.keys, keys], axis=2)
         self.values = mx.concatenate([self.values, values], axis=2)
         self.offset += keys.shape[2]
@@ -74,7 +89,12 @@ class CSRKVCache:
             old_k, old_v = self.keys[:, :, :overflow], self.values[:, :, :overflow]
             # a copy: a slice may keep the whole older array alive, uncounted by nbytes
             self.keys, self.values = mx.contiguous(self.keys[:, :, overflow:]), mx.contiguous(self.values[:, :, overflow:])
-            self._code(old_k, old_v, build_online=prefill)
+            to_sink = max(min(self.settings.sink_tokens - self.sink_keys.shape[2], overflow), 0)  # sinks fill first
+            if to_sink:
+                self.sink_keys = mx.concatenate([self.sink_keys, old_k[:, :, :to_sink]], axis=2)
+                self.sink_values = mx.concatenate([self.sink_values, old_v[:, :, :to_sink]], axis=2)
+            if overflow > to_sink:
+                self._code(old_k[:, :, to_sink:], old_v[:, :, to_sink:], build_online=self.n_coded == 0)
         return keys_out, values_out
 
     def make_mask(self, *args, **kwargs):
@@ -90,25 +110,28 @@ class CSRKVCache:
         return True
 
     def trim(self, n: int) -> int:
-        """Drop the newest n tokens (the window's first, then codes; added atoms stay). Returns how many."""
+        """Drop the newest n tokens (the window's first, then codes, then sinks; added atoms stay). Returns how many."""
         n = min(self.offset, n)
         if n <= 0:
             return 0
         keep = self.offset - n
-        window_keep = max(keep - self.n_coded, 0)
+        S = self.sink_keys.shape[2]
+        window_keep = max(keep - S - self.n_coded, 0)
         self.keys, self.values = mx.contiguous(self.keys[:, :, :window_keep]), mx.contiguous(self.values[:, :, :window_keep])
-        if keep < self.n_coded:
+        coded_keep = min(max(keep - S, 0), self.n_coded)
+        if coded_keep < self.n_coded:
             for store in self.stores.values():
-                store.idx = mx.contiguous(store.idx[:, :, :keep]) if keep else None
-                store.coef = mx.contiguous(store.coef[:, :, :keep]) if keep else None
-            self.n_coded = keep
+                store.codes = mx.contiguous(store.codes[:, :coded_keep]) if coded_keep else None
+            self.n_coded = coded_keep
+        if keep < S:
+            self.sink_keys, self.sink_values = mx.contiguous(self.sink_keys[:, :, :keep]), mx.contiguous(self.sink_values[:, :, :keep])
         self.offset = keep
         return n
 
     def _held_arrays(self) -> list[mx.array]:
-        arrays = [a for a in (self.keys, self.values) if a is not None]
+        arrays = [a for a in (self.keys, self.values, self.sink_keys, self.sink_values) if a is not None]
         for store in self.stores.values():
-            arrays += [a for a in (store.idx, store.coef) if a is not None] + list(store.extra)
+            arrays += [a for a in (store.codes,) if a is not None] + list(store.extra)
         return arrays
 
     @property
@@ -124,25 +147,27 @@ class CSRKVCache:
     # -- coding -------------------------------------------------------------------------------------
     def _code(self, keys_rotated: mx.array, values: mx.array, *, build_online: bool) -> None:
         B, H, T, d = keys_rotated.shape
-        keys = unrotate(keys_rotated.astype(mx.float32), self.rope, self.n_coded)
+        keys = unrotate(keys_rotated.astype(mx.float32), self.rope, self.sink_keys.shape[2] + self.n_coded)
         s = self.settings
         for kind, x, k, s_n in (("keys", keys, s.sparsity_keys, 1),
                                 ("values", values.astype(mx.float32), s.sparsity_values, s.s_n_values)):
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             store = self.stores[kind]
+            if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
+                store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
+                store.scale = fp8_scale(mx.max(mx.linalg.norm(chunks, axis=-1)).item())
             if not store.extra:
                 store.extra = [mx.zeros((0, chunks.shape[-1]), dtype=mx.float16) for _ in range(B)]
                 store.n_online = [0] * B
             if build_online:
                 self._add_online(store, chunks)
-            idx, coef = [], []
+            packed = []
             for b in range(B):
-                i, c = self._encode_row(store, b, chunks[b], k)
-                idx.append(i)
-                coef.append(c)
-            idx, coef = mx.stack(idx), mx.stack(coef)
-            store.idx = idx if store.idx is None else mx.concatenate([store.idx, idx], axis=2)
-            store.coef = coef if store.coef is None else mx.concatenate([store.coef, coef], axis=2)
+                i, c = self._encode_row(store, b, chunks[b], k)  # (H, T, s_n·k)
+                per_token = lambda a: a.reshape(H, T, s_n, k).transpose(1, 0, 2, 3).reshape(T, H * s_n, k)
+                packed.append(pack_codes(per_token(i), per_token(c), store.layout, scale=store.scale))
+            packed = mx.stack(packed)  # (B, T, nbytes)
+            store.codes = packed if store.codes is None else mx.concatenate([store.codes, packed], axis=1)
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
 
@@ -151,7 +176,7 @@ class CSRKVCache:
         return store.offline if extra.shape[0] == 0 else mx.concatenate([store.offline, extra.astype(mx.float32)])
 
     def _append_atoms(self, store: _KindStore, b: int, atoms: mx.array) -> int:
-        room = INDEX_LIMIT - 1 - store.offline.shape[0] - store.extra[b].shape[0]
+        room = self.settings.online_atoms + self.settings.guard_atoms - store.extra[b].shape[0]
         take = min(atoms.shape[0], max(room, 0))
         self.stats["atoms_refused"] += atoms.shape[0] - take
         if take:
@@ -170,11 +195,11 @@ class CSRKVCache:
             store.n_online[b] = store.extra[b].shape[0]
 
     def _encode_row(self, store: _KindStore, b: int, chunks: mx.array, k: int):
-        """chunks: (H, T, s_n, w) → idx (H, T, s_n·k) int16, coef float16, with guard atoms added."""
+        """chunks: (H, T, s_n, w) → idx (H, T, s_n·k), coef, with guard atoms added."""
         H, T, s_n, w = chunks.shape
         s = self.settings
         x = chunks.reshape(-1, w)
-        idx, coef = sparse_encode(x, self._row_dictionary(store, b), s=k, method=s.method)
+        idx, coef = sparse_encode(x, self._row_dictionary(store, b), s=k, method=s.method, quantize=store.quantizer())
         room = s.guard_atoms - (store.extra[b].shape[0] - store.n_online[b])
         if room > 0:
             x_hat = sparse_decode(idx, coef, self._row_dictionary(store, b))
@@ -187,29 +212,31 @@ class CSRKVCache:
                 if added:
                     self.stats["guard_atoms"] += added
                     recode = worst_mx[:added]
-                    i, c = sparse_encode(x[recode], self._row_dictionary(store, b), s=k, method=s.method)
+                    i, c = sparse_encode(x[recode], self._row_dictionary(store, b), s=k, method=s.method,
+                                         quantize=store.quantizer())
                     idx[recode] = i
                     coef[recode] = c
-        return idx.reshape(H, T, s_n * k).astype(mx.int16), coef.reshape(H, T, s_n * k).astype(mx.float16)
+        return idx.reshape(H, T, s_n * k), coef.reshape(H, T, s_n * k)
 
     # -- decoding -----------------------------------------------------------------------------------
     def _decode(self, kind: str):
         store = self.stores[kind]
-        if store.idx is None:
+        if store.codes is None:
             return None
-        B, H, T, kk = store.idx.shape
+        B, T, _ = store.codes.shape
         s_n = 1 if kind == "keys" else self.settings.s_n_values
-        k = kk // s_n
+        H, k = store.layout.groups // s_n, store.layout.k
         rows = []
         for b in range(B):
-            x = sparse_decode(store.idx[b].astype(mx.int32).reshape(H, T, s_n, k),
-                              store.coef[b].astype(mx.float32).reshape(H, T, s_n, k), self._row_dictionary(store, b))
+            idx, coef = unpack_codes(store.codes[b], store.layout, scale=store.scale)  # (T, H·s_n, k)
+            per_head = lambda a: a.reshape(T, H, s_n, k).transpose(1, 0, 2, 3)
+            x = sparse_decode(per_head(idx), per_head(coef), self._row_dictionary(store, b))
             rows.append(x.reshape(H, T, -1))
         return mx.stack(rows)
 
     def _decoded_keys(self) -> mx.array:
         keys = self._decode("keys")
-        return self.keys[:, :, :0] if keys is None else rotate(keys, self.rope, 0).astype(self.keys.dtype)
+        return self.keys[:, :, :0] if keys is None else rotate(keys, self.rope, self.sink_keys.shape[2]).astype(self.keys.dtype)
 
     def _decoded_values(self) -> mx.array:
         values = self._decode("values")
@@ -243,6 +270,9 @@ def make_csr_cache(
     guard_atoms: int = 256,
     guard_threshold: float = 0.3,
     window: int = 0,
+    sink_tokens: int = 0,
+    index_bits: int | None = None,
+    coef_format: str = "fp8",
     model_id: str = "model",
 ) -> list[CSRKVCache]:
     """A `prompt_cache` (one CSRKVCache per layer) for an mlx-lm Llama-family model; same options as CSRCache."""
@@ -255,8 +285,11 @@ def make_csr_cache(
     settings = CSRSettings(
         sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=dictionary.values.s_n, method=method,
         online_atoms=online_atoms, guard_atoms=guard_atoms,
-        guard_threshold=guard_threshold, window=window,
+        guard_threshold=guard_threshold, window=window, sink_tokens=sink_tokens, index_bits=index_bits,
+        coef_format=coef_format,
     )
+    if coef_format not in COEF_FORMATS:
+        raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
     return [CSRKVCache(l, dictionary.keys.for_layer(l), dictionary.values.for_layer(l), layer.self_attn.rope, settings)
             for l, layer in enumerate(model.layers)]
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 import mlx.core as mx
 
 
-def _mp_batch(x: mx.array, dictionary: mx.array, s: int) -> tuple[mx.array, mx.array]:
-    """Matching pursuit, exactly s iterations: atom = argmax |⟨R, d⟩|, coefficient = ⟨R, d⟩."""
+def _mp_batch(x: mx.array, dictionary: mx.array, s: int, quantize=None) -> tuple[mx.array, mx.array]:
+    """Matching pursuit, exactly s iterations: atom = argmax |⟨R, d⟩|, coefficient = ⟨R, d⟩ (rounded by
+    `quantize` before the residual update, if given)."""
     residual, idx, coef = x, [], []
     for _ in range(s):
         scores = residual @ dictionary.T
         i = mx.argmax(mx.abs(scores), axis=-1)
         c = mx.take_along_axis(scores, i[:, None], axis=-1)[:, 0]
+        if quantize is not None:
+            c = quantize(c)
         residual = residual - c[:, None] * dictionary[i]
         idx.append(i)
         coef.append(c)
     return mx.stack(idx, axis=-1), mx.stack(coef, axis=-1)
 
 
-def _omp_batch(x: mx.array, dictionary: mx.array, s: int) -> tuple[mx.array, mx.array]:
+def _omp_batch(x: mx.array, dictionary: mx.array, s: int, quantize=None) -> tuple[mx.array, mx.array]:
     """OMP: after each selection, least squares on the chosen atoms (normal equations, batched solve)."""
     n = x.shape[0]
     correlations = x @ dictionary.T
@@ -41,14 +44,16 @@ def _omp_batch(x: mx.array, dictionary: mx.array, s: int) -> tuple[mx.array, mx.
         if g + 1 < s:
             residual = x - (coef[..., None] * atoms).sum(axis=1)
             scores = residual @ dictionary.T
-    return mx.stack(idx, axis=-1), coef
+    return mx.stack(idx, axis=-1), (coef if quantize is None else quantize(coef))
 
 
 _KERNELS = {"mp": _mp_batch, "omp": _omp_batch}
 
 
-def sparse_encode(x: mx.array, dictionary: mx.array, *, s: int, method: str = "mp", chunk_size: int = 8192):
-    """Code every row of x with s atoms of `dictionary` (chunked: peak memory ≈ chunk_size · N scores)."""
+def sparse_encode(x: mx.array, dictionary: mx.array, *, s: int, method: str = "mp", chunk_size: int = 8192,
+                  quantize=None):
+    """Code every row of x with s atoms of `dictionary` (chunked: peak memory ≈ chunk_size · N scores).
+    `quantize` maps coefficients to their stored values, inside MP's loop (as in the torch kernel)."""
     if method not in _KERNELS:
         raise ValueError(f"method must be one of {sorted(_KERNELS)}, got {method!r}")
     if x.ndim != 2 or dictionary.ndim != 2 or x.shape[1] != dictionary.shape[1]:
@@ -56,7 +61,7 @@ def sparse_encode(x: mx.array, dictionary: mx.array, *, s: int, method: str = "m
     if s < 1 or s > dictionary.shape[0]:
         raise ValueError(f"sparsity s must be in 1..N = {dictionary.shape[0]}, got {s}")
     kernel = _KERNELS[method]
-    parts = [kernel(x[i : i + chunk_size], dictionary, s) for i in range(0, x.shape[0], chunk_size)]
+    parts = [kernel(x[i : i + chunk_size], dictionary, s, quantize) for i in range(0, x.shape[0], chunk_size)]
     if len(parts) == 1:
         return parts[0]
     return mx.concatenate([p[0] for p in parts]), mx.concatenate([p[1] for p in parts])

@@ -1,0 +1,90 @@
+"""The bit layout of packed CSR codes: pure Python, shared by the torch and MLX runtimes (no torch here).
+
+One token's code of one kind (keys or values) is, for each KV head h, chunk j and atom g, an index of
+`index_bits` then a coefficient of 8 or 16 bits (``int8``: a 16-bit fp16 scale first in each head
+chunk), written little-endian into one bit stream padded to whole bytes. See `code_packing`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+CoefFormat = Literal["fp16", "fp8", "int8"]
+COEF_FORMATS = ("fp16", "fp8", "int8")
+COEF_BITS = {"fp16": 16, "fp8": 8, "int8": 8}
+FP8_MAX = 448.0  # largest finite E4M3 value
+
+
+def index_bits_for(n_atoms: int) -> int:
+    """⌈log2 n_atoms⌉ (at least 1): the bits an index into n_atoms atoms needs."""
+    if n_atoms < 1:
+        raise ValueError(f"a row dictionary needs at least one atom, got {n_atoms}")
+    return max(1, math.ceil(math.log2(n_atoms)))
+
+
+def fp8_scale(max_norm: float) -> float:
+    """Power-of-two scale with max_norm / scale ≤ 448 (E4M3's range): |c| ≤ ‖x‖ for unit atoms."""
+    if not math.isfinite(max_norm) or max_norm <= 0:
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(max_norm / FP8_MAX))
+
+
+@dataclass(frozen=True)
+class CodeLayout:
+    """How the `groups · k` (index, coefficient) pairs of one token's code are packed.
+
+    groups = KV heads × chunks (s_n); k = atoms per chunk."""
+
+    groups: int
+    k: int
+    index_bits: int
+    coef_format: CoefFormat
+
+    def __post_init__(self):
+        if self.coef_format not in COEF_FORMATS:
+            raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {self.coef_format!r}")
+        if not 1 <= self.index_bits <= 16:
+            raise ValueError(f"index_bits has to be in 1..16 but got {self.index_bits}")
+        if self.groups < 1 or self.k < 1:
+            raise ValueError(f"groups and k must be positive, got groups={self.groups}, k={self.k}")
+
+    @property
+    def widths(self) -> list[int]:
+        """Bit width of every field of one token, in stream order."""
+        atom = [self.index_bits, COEF_BITS[self.coef_format]]
+        group = ([16] if self.coef_format == "int8" else []) + atom * self.k
+        return group * self.groups
+
+    @property
+    def bits(self) -> int:
+        return sum(self.widths)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one token's code takes (the bit stream rounded up to whole bytes)."""
+        return (self.bits + 7) // 8
+
+    def field_offsets(self) -> tuple[list[int], list[int]]:
+        """(byte offset, bit shift within that byte) of every field."""
+        starts, pos = [], 0
+        for w in self.widths:
+            starts.append(pos)
+            pos += w
+        return [p // 8 for p in starts], [p % 8 for p in starts]
+
+
+def row_index_bits(index_bits: int | None, n_offline: int, online_atoms: int, guard_atoms: int) -> int:
+    """The index width of a layer's codes: ⌈log2(offline + online + guard)⌉, or the given width if it
+    can address them all (16 with fp16 coefficients is the paper's int16 + fp16 layout)."""
+    capacity = n_offline + max(online_atoms, 0) + max(guard_atoms, 0)
+    needed = index_bits_for(capacity)
+    if index_bits is None:
+        return needed
+    if index_bits < needed:
+        raise ValueError(
+            f"index_bits = {index_bits} cannot address {capacity} atoms ({n_offline} offline + {online_atoms} online "
+            f"+ {guard_atoms} guard): use index_bits >= {needed} or None"
+        )
+    return index_bits
