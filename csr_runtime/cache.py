@@ -34,6 +34,7 @@ from csr_runtime.code_layout import row_index_bits
 from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
     unpack_codes
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
+from csr_runtime.metric import apply as whiten_heads
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
 from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
 
@@ -69,6 +70,8 @@ class _KindStore:
     """Codes and per-row extra atoms of one kind (keys or values) in one layer."""
 
     offline: torch.Tensor  # (N_off, w) float32, shared with the other layers of the group
+    whiten: torch.Tensor | None = None  # (H, d_h, d_h) A of the attention metric: atoms live in the space of A x
+    unwhiten: torch.Tensor | None = None  # A⁻¹
     extra: torch.Tensor | None = None  # (B, M, w) float16: online + guard atoms per row (zeros unused)
     n_extra: list[int] = field(default_factory=list)  # used extra atoms per row
     n_online: list[int] = field(default_factory=list)
@@ -90,7 +93,7 @@ class CSRLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, layer_idx: int, key_atoms: torch.Tensor, value_atoms: torch.Tensor, rotary_emb, settings: CSRSettings,
-                 rope_memo: dict | None = None, last_layer: bool = True):
+                 rope_memo: dict | None = None, last_layer: bool = True, whitening: dict | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         # cos/sin of the coded positions are the same for every layer: the first layer of a step computes
@@ -100,6 +103,8 @@ class CSRLayer(CacheLayerMixin):
         self.settings = settings
         self.rotary_emb = rotary_emb
         self.stores = {"keys": _KindStore(key_atoms), "values": _KindStore(value_atoms)}
+        for kind, (A, A_inv) in (whitening or {}).items():  # kind → (A, A⁻¹), each (H, d_h, d_h)
+            self.stores[kind].whiten, self.stores[kind].unwhiten = A, A_inv
         self.index_bits = {kind: row_index_bits(settings.index_bits, store.offline.shape[0], settings.online_atoms,
                                                settings.guard_atoms) for kind, store in self.stores.items()}
         self.n_pad: torch.Tensor | None = None  # (B,) leading padding tokens per row
@@ -117,6 +122,8 @@ class CSRLayer(CacheLayerMixin):
         self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
         for store in self.stores.values():
             store.offline = store.offline.to(self.device)
+            if store.whiten is not None:
+                store.whiten, store.unwhiten = store.whiten.to(self.device), store.unwhiten.to(self.device)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -209,8 +216,10 @@ class CSRLayer(CacheLayerMixin):
         real = torch.arange(first, first + T, device=self.device)[None] >= self.n_pad[:, None]  # (B, T)
         s = self.settings
         for kind, x, k, s_n in (("keys", keys, s.sparsity_keys, 1), ("values", values.float(), s.sparsity_values, s.s_n_values)):
-            chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             store = self.stores[kind]
+            if store.whiten is not None:  # code A x: plain L2 there is the attention metric here
+                x = whiten_heads(store.whiten, x)
+            chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
                 store.scale = fp8_scale(float(chunks.norm(dim=-1).max()))
@@ -332,6 +341,8 @@ class CSRLayer(CacheLayerMixin):
         for b in range(B):
             idx, coef = self._unpacked(store, b, H, s_n)
             x = sparse_decode(idx, coef, self._row_dictionary(store, b)).view(H, n, d)
+            if store.unwhiten is not None:
+                x = whiten_heads(store.unwhiten, x[None])[0]
             if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
                 rotate_into(out[b : b + 1, :, S : S + n], x[None], cos[b : b + 1], sin[b : b + 1])
             else:
@@ -449,9 +460,11 @@ class CSRCache(Cache):
             raise ValueError(f"coded_layers must be a non-empty subset of 0..{fingerprint.n_layers - 1}, got {coded_layers}")
         offline = {kind: [torch.from_numpy(a) for a in dictionary.kind(kind).atoms] for kind in ("keys", "values")}
         rope_memo: dict = {}
+        whitening = lambda l: {kind: (torch.from_numpy(d.whiten[l]), torch.from_numpy(d.unwhiten[l]))
+                               for kind, d in (("keys", dictionary.keys), ("values", dictionary.values)) if d.whiten is not None}
         layers = [
             CSRLayer(l, offline["keys"][dictionary.keys.layer_to_group[l]], offline["values"][dictionary.values.layer_to_group[l]],
-                     model.model.rotary_emb, self.settings, rope_memo, last_layer=l == coded[-1])
+                     model.model.rotary_emb, self.settings, rope_memo, last_layer=l == coded[-1], whitening=whitening(l))
             if l in coded else DynamicLayer()  # a layer left out of coded_layers keeps its KV in full precision
             for l in range(fingerprint.n_layers)
         ]

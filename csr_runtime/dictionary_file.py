@@ -1,4 +1,4 @@
-"""Dictionary file format v1: the contract between `neuraldict`, `csr_runtime` and `mlx_backend`.
+"""Dictionary file format v2: the contract between `neuraldict`, `csr_runtime` and `mlx_backend`.
 
 A dictionary file is one safetensors file. Its tensors are the offline dictionaries, one per
 merged-layer group and per kind (K or V), stored with **atoms as rows**:
@@ -7,6 +7,13 @@ merged-layer group and per kind (K or V), stored with **atoms as rows**:
     values/group_{g} : (N_g, d_h / s_n_V)  float32, unit-norm rows
 
 (`W_D` in the paper has atoms as columns; rows make the gather `D[idx]` of the runtimes cheap.)
+Version 2 adds, optionally per kind, the coding metric's whitening (see `csr_runtime.metric`):
+
+    keys/whiten, keys/unwhiten     : (n_layers, n_kv_heads, d_h, d_h) float32, A and A⁻¹
+    values/whiten, values/unwhiten : the same for values
+
+A kind with a whitening has dictionaries trained on A x: the runtimes code A x and decode with A⁻¹.
+Version-1 files (no whitening) still load.
 Its metadata holds one JSON document under the key ``csr_dictionary``; `docs/dictionary-format.md`
 describes every field. This module needs numpy and safetensors only, never torch: `mlx_backend`
 reads it on a Mac without torch installed. Loading never unpickles.
@@ -24,7 +31,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+METRICS = ("l2", "attention")
 METADATA_KEY = "csr_dictionary"
 KINDS = ("keys", "values")
 INDEX_LIMIT = 32768  # int16 indices: offline + online + guard atoms must stay below this
@@ -64,6 +73,9 @@ class KindDictionaries:
     sparsity: int
     layer_to_group: list[int]
     atoms: list[np.ndarray]
+    metric: str = "l2"  # "attention": atoms live in the whitened space A x
+    whiten: np.ndarray | None = None  # (n_layers, n_kv_heads, d_h, d_h) A, with metric "attention"
+    unwhiten: np.ndarray | None = None  # A⁻¹
 
     def for_layer(self, layer: int) -> np.ndarray:
         return self.atoms[self.layer_to_group[layer]]
@@ -113,8 +125,12 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for kind in KINDS:
-        for g, atoms in enumerate(dictionary.kind(kind).atoms):
+        d = dictionary.kind(kind)
+        for g, atoms in enumerate(d.atoms):
             tensors[f"{kind}/group_{g}"] = np.ascontiguousarray(atoms, dtype=np.float32)
+        if d.whiten is not None:
+            tensors[f"{kind}/whiten"] = np.ascontiguousarray(d.whiten, dtype=np.float32)
+            tensors[f"{kind}/unwhiten"] = np.ascontiguousarray(d.unwhiten, dtype=np.float32)
     meta = {
         "format_version": FORMAT_VERSION,
         "model": asdict(dictionary.model),
@@ -127,6 +143,7 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
             "sparsity": d.sparsity,
             "layer_to_group": list(d.layer_to_group),
             "n_atoms": [int(a.shape[0]) for a in d.atoms],
+            "metric": d.metric,
         }
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -151,8 +168,8 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     meta = json.loads(raw)
     version = _field(meta, "format_version", path)
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {version!r} is unknown; this reader knows {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: format_version {version!r} is unknown; this reader knows {list(READABLE_VERSIONS)}")
     m = _field(meta, "model", path)
     try:
         fingerprint = ModelFingerprint(**m)
@@ -173,6 +190,9 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
             sparsity=_field(k, "sparsity", path, f"{kind}.sparsity"),
             layer_to_group=list(_field(k, "layer_to_group", path, f"{kind}.layer_to_group")),
             atoms=atoms,
+            metric=k.get("metric", "l2"),
+            whiten=tensors.get(f"{kind}/whiten"),
+            unwhiten=tensors.get(f"{kind}/unwhiten"),
         )
         for g, (n, a) in enumerate(zip(n_atoms, atoms)):
             if a.shape[0] != n:
@@ -208,6 +228,21 @@ def _validate(d: DictionaryFile, *, source: str) -> None:
         bad = sorted({g for g in k.layer_to_group if not (isinstance(g, int) and 0 <= g < len(k.atoms))}, key=str)
         if bad:
             raise ValueError(f"{source}: {kind}.layer_to_group names groups {bad}, only 0..{len(k.atoms) - 1} exist")
+        if k.metric not in METRICS:
+            raise ValueError(f"{source}: {kind}.metric = {k.metric!r}; supported: {list(METRICS)}")
+        whitened = k.metric == "attention"
+        if whitened != (k.whiten is not None) or whitened != (k.unwhiten is not None):
+            raise ValueError(f"{source}: {kind}.metric = {k.metric!r} needs tensors {kind}/whiten and {kind}/unwhiten "
+                             f"exactly when it is 'attention'")
+        if whitened:
+            shape = (d.model.n_layers, d.model.n_kv_heads, head_dim, head_dim)
+            for name, t in (("whiten", k.whiten), ("unwhiten", k.unwhiten)):
+                if tuple(t.shape) != shape or not np.isfinite(t).all():
+                    raise ValueError(f"{source}: {kind}/{name} has shape {tuple(t.shape)} (or non-finite entries), "
+                                     f"expected finite (n_layers, n_kv_heads, d_h, d_h) = {shape}")
+            product = k.whiten.astype(np.float64) @ k.unwhiten.astype(np.float64)
+            if np.abs(product - np.eye(head_dim)).max() > 1e-2:
+                raise ValueError(f"{source}: {kind}/unwhiten is not the inverse of {kind}/whiten")
         width = head_dim // k.s_n
         for g, a in enumerate(k.atoms):
             where = f"{source}: {kind}/group_{g}"

@@ -102,8 +102,8 @@ def evaluate(
     sequences_per_length: int = 2,
     prefix_fraction: float = 0.5,
     chunk: int = 32,
-    passkey_length: int = 768,
-    passkey_depths: list[float] = (0.1, 0.5, 0.9),
+    passkey_lengths: list[int] = (768, 1536),
+    passkey_depths: list[float] = (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.85, 0.95),
     generation_prompt: str = "The three most important ideas of the Python language are",
     generation_tokens: int = 40,
     output: str = "benchmarks/results/eval",
@@ -120,8 +120,8 @@ def evaluate(
         sequences_per_length: held-out sequences per length.
         prefix_fraction: P = prefix_fraction · L tokens are prefilled, the rest scored.
         chunk: c, tokens decoded per step while scoring (1 = exact decoding).
-        passkey_length: tokens of the passkey-retrieval prompt.
-        passkey_depths: relative positions of the passkey.
+        passkey_lengths: approximate tokens of the passkey-retrieval prompts (each length × each depth).
+        passkey_depths: relative positions of the passkey (empty: no passkey test).
         generation_prompt: prompt of the greedy generation sample.
         generation_tokens: tokens generated for the sample.
         output: report folder (markdown, CSV, PNG).
@@ -175,8 +175,10 @@ def evaluate(
     rows = []
     for m in tqdm(methods, desc="Passkey and generation", dynamic_ncols=True):
         r = results[m["name"]]
-        hits = [passkey(lm, tokenizer, m, dict_file, length=passkey_length, depth=d, key=10007 + 7919 * i)
-                for i, d in enumerate(passkey_depths)]
+        hits = [passkey(lm, tokenizer, m, dict_file, length=n, depth=d, key=10007 + 7919 * i + 131 * j)
+                for j, n in enumerate(passkey_lengths) for i, d in enumerate(passkey_depths)]
+        r["passkey_misses"] = [f"{n}@{d:g}" for (n, d), hit in zip(((n, d) for n in passkey_lengths for d in passkey_depths), hits)
+                               if not hit]
         prompt = tokenizer(generation_prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
             text = tokenizer.decode(lm.generate(prompt, max_new_tokens=generation_tokens, do_sample=False,
@@ -220,6 +222,8 @@ def write_report(rows, results, folder: Path, *, split="test", context_lengths, 
                                         f"{delta:+.1f} %", f"{r['kl']:.4f}", f"{r['top1']:.3f}", f"{r['passkey']:.2f}",
                                         f"{r['cache_MB']:.2f}", f"{r['seconds']:.0f}"]) + " |")
     lines += ["", "Method settings:", ""] + [f"- {m['name']}: {m}" for m in methods]
+    lines += ["", "Passkeys missed (length@depth):", ""] + [
+        f"- {name}: {', '.join(r['passkey_misses']) or 'none'}" for name, r in results.items() if "passkey_misses" in r]
     lines += ["", "Greedy samples:", ""] + [f"- **{r['method']}**: {r['sample']}" for r in rows]
     (folder / "eval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

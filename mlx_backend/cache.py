@@ -23,6 +23,7 @@ from mlx_lm.models.cache import create_attention_mask
 
 from csr_runtime.code_layout import COEF_FORMATS, row_index_bits
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
+from mlx_backend.metric import apply as whiten_heads
 from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
 from mlx_backend.rope import rotate, unrotate
 from mlx_backend.sparse_coding import sparse_decode, sparse_encode, split_chunks
@@ -46,6 +47,8 @@ class CSRSettings:
 @dataclass
 class _KindStore:
     offline: mx.array  # (N_off, w) float32
+    whiten: mx.array | None = None  # (H, d_h, d_h) A of the attention metric: atoms live in the space of A x
+    unwhiten: mx.array | None = None  # A⁻¹
     extra: list = field(default_factory=list)  # per row: (M_b, w) float16 online + guard atoms
     n_online: list = field(default_factory=list)
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
@@ -58,9 +61,11 @@ class _KindStore:
 
 
 class CSRKVCache:
-    def __init__(self, layer_idx: int, key_atoms, value_atoms, rope, settings: CSRSettings):
+    def __init__(self, layer_idx: int, key_atoms, value_atoms, rope, settings: CSRSettings, whitening: dict | None = None):
         self.layer_idx, self.rope, self.settings = layer_idx, rope, settings
         self.stores = {"keys": _KindStore(mx.array(key_atoms)), "values": _KindStore(mx.array(value_atoms))}
+        for kind, (A, A_inv) in (whitening or {}).items():  # kind → (A, A⁻¹), each (H, d_h, d_h)
+            self.stores[kind].whiten, self.stores[kind].unwhiten = mx.array(A), mx.array(A_inv)
         self.index_bits = {kind: row_index_bits(settings.index_bits, store.offline.shape[0], settings.online_atoms,
                                                 settings.guard_atoms) for kind, store in self.stores.items()}
         self.keys = self.values = None  # full-precision window, keys after RoPE
@@ -151,8 +156,10 @@ class CSRKVCache:
         s = self.settings
         for kind, x, k, s_n in (("keys", keys, s.sparsity_keys, 1),
                                 ("values", values.astype(mx.float32), s.sparsity_values, s.s_n_values)):
-            chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             store = self.stores[kind]
+            if store.whiten is not None:  # code A x: plain L2 there is the attention metric here
+                x = whiten_heads(store.whiten, x)
+            chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
                 store.scale = fp8_scale(mx.max(mx.linalg.norm(chunks, axis=-1)).item())
@@ -230,8 +237,8 @@ class CSRKVCache:
         for b in range(B):
             idx, coef = unpack_codes(store.codes[b], store.layout, scale=store.scale)  # (T, H·s_n, k)
             per_head = lambda a: a.reshape(T, H, s_n, k).transpose(1, 0, 2, 3)
-            x = sparse_decode(per_head(idx), per_head(coef), self._row_dictionary(store, b))
-            rows.append(x.reshape(H, T, -1))
+            x = sparse_decode(per_head(idx), per_head(coef), self._row_dictionary(store, b)).reshape(H, T, -1)
+            rows.append(x if store.unwhiten is None else whiten_heads(store.unwhiten, x[None])[0])
         return mx.stack(rows)
 
     def _decoded_keys(self) -> mx.array:
@@ -290,7 +297,10 @@ def make_csr_cache(
     )
     if coef_format not in COEF_FORMATS:
         raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
-    return [CSRKVCache(l, dictionary.keys.for_layer(l), dictionary.values.for_layer(l), layer.self_attn.rope, settings)
+    whitening = lambda l: {kind: (d.whiten[l], d.unwhiten[l])
+                           for kind, d in (("keys", dictionary.keys), ("values", dictionary.values)) if d.whiten is not None}
+    return [CSRKVCache(l, dictionary.keys.for_layer(l), dictionary.values.for_layer(l), layer.self_attn.rope, settings,
+                       whitening(l))
             for l, layer in enumerate(model.layers)]
 
 

@@ -40,6 +40,9 @@ class KVDataModule(L.LightningDataModule):
         max_val_vectors: int = 4096,
         collect_device: str = "cpu",
         seed: int = 0,
+        metric: Literal["l2", "attention"] = "l2",
+        metric_tokens: int = 4096,
+        metric_distance: int = 2048,
     ):
         """
         Args:
@@ -58,12 +61,20 @@ class KVDataModule(L.LightningDataModule):
             max_val_vectors: held-out vectors per dictionary.
             collect_device: device of the model during collection.
             seed: seed of the batch sampling.
+            metric: "l2" codes ‖x − x̂‖²; "attention" codes keys in the metric of the pre-RoPE queries and values
+                in the metric of the output projection (`csr_runtime.metric`): dictionaries are trained on whitened
+                vectors and the whitening goes into the dictionary file.
+            metric_tokens: calibration tokens (train split) whose queries measure the key metric.
+            metric_distance: relative positions 0..metric_distance−1 the key metric averages RoPE over.
         """
         super().__init__()
         if merge not in ("jsd", "none"):
             raise ValueError(f"merge must be 'jsd' or 'none', got {merge!r}")
+        if metric not in ("l2", "attention"):
+            raise ValueError(f"metric must be 'l2' or 'attention', got {metric!r}")
         sizes = dict(train_tokens=train_tokens, val_tokens=val_tokens, batch_size=batch_size,
-                     batches_per_epoch=batches_per_epoch, max_val_vectors=max_val_vectors, merge_bins=merge_bins)
+                     batches_per_epoch=batches_per_epoch, max_val_vectors=max_val_vectors, merge_bins=merge_bins,
+                     metric_tokens=metric_tokens, metric_distance=metric_distance)
         for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
@@ -72,6 +83,7 @@ class KVDataModule(L.LightningDataModule):
         self.divergences: dict[str, np.ndarray] = {}
         self.train_pools: dict[str, torch.Tensor] = {}
         self.val_pools: dict[str, torch.Tensor] = {}
+        self.whitening: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind → (A, A⁻¹): (n_layers, H, d, d)
 
     def _collect(self, split: str, tokens: int) -> KVCollection:
         h = self.hparams
@@ -95,16 +107,45 @@ class KVDataModule(L.LightningDataModule):
                 continue
             self.divergences[kind] = self._divergences(train, kind)
             self.layer_to_group[kind] = group_layers(self.divergences[kind], delta1=h.delta1, delta2=h.delta2)
+        if h.metric == "attention":
+            self.whitening = self._attention_whitening(train)
         g = torch.Generator().manual_seed(h.seed)
         for kind in KINDS:
             groups = self.layer_to_group[kind]
+            vectors = lambda collection, l: self._whitened(collection.vectors(l, kind), kind, l)
             for group in range(max(groups) + 1):
                 layers = [l for l in range(n_layers) if groups[l] == group]
                 name = f"{kind}/group_{group}"
-                self.train_pools[name] = torch.from_numpy(np.concatenate([train.vectors(l, kind) for l in layers]))
-                held_out = torch.from_numpy(np.concatenate([val.vectors(l, kind) for l in layers]))
+                self.train_pools[name] = torch.from_numpy(np.concatenate([vectors(train, l) for l in layers]))
+                held_out = torch.from_numpy(np.concatenate([vectors(val, l) for l in layers]))
                 keep = torch.randperm(len(held_out), generator=g)[: h.max_val_vectors]
                 self.val_pools[name] = held_out[keep].float()
+
+    def _whitened(self, vectors: np.ndarray, kind: str, layer: int) -> np.ndarray:
+        """(tokens · H, d_h) rows of one layer (head-minor) → A_h x per row (as they are without a whitening)."""
+        if kind not in self.whitening:
+            return vectors
+        A = self.whitening[kind][0][layer]  # (H, d, d)
+        x = torch.from_numpy(vectors.astype(np.float32)).view(-1, A.shape[0], A.shape[-1])
+        return torch.einsum("hij,nhj->nhi", A, x).reshape(len(vectors), -1).half().numpy()
+
+    def _attention_whitening(self, collection: KVCollection) -> dict:
+        """The attention metric's whitening, measured once and cached next to the shards."""
+        h = self.hparams
+        cached = collection.path / f"whitening_t{h.metric_tokens}_d{h.metric_distance}.pt"
+        if cached.is_file():
+            return torch.load(cached, weights_only=True)
+        from neuraldict.attention_metric import attention_whitening
+        from neuraldict.collect import token_windows
+        from neuraldict.corpus import load_corpus
+        from neuraldict.models import load_model
+
+        lm, tokenizer = load_model(h.model, device=h.collect_device)
+        windows = token_windows(tokenizer, load_corpus(h.corpus, "train"), window=h.window, max_tokens=h.metric_tokens,
+                                source=f"train split of {h.corpus!r}")
+        result = attention_whitening(lm, windows, max_distance=h.metric_distance)
+        torch.save(result, cached)
+        return result
 
     def _divergences(self, collection: KVCollection, kind: str) -> np.ndarray:
         """The layer divergence matrix, cached next to the shards."""

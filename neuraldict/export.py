@@ -11,12 +11,14 @@ import torch
 from csr_runtime.dictionary_file import KINDS, DictionaryFile, KindDictionaries, ModelFingerprint, save_dictionary
 
 CHECKPOINT_KEY = "csr_structure"  # what a NeuralDict checkpoint stores besides its weights
+WHITENING_KEY = "csr_whitening"  # kind → (A, A⁻¹) of the attention metric, where the dictionaries were trained on A x
 
 
 def structure_dictionary(
-    atoms: dict[str, torch.Tensor], structure: dict, provenance: dict | None = None
+    atoms: dict[str, torch.Tensor], structure: dict, provenance: dict | None = None, whitening: dict | None = None
 ) -> DictionaryFile:
-    """atoms: {"keys/group_0": (N, w), ...} + the structure a NeuralDict records → a DictionaryFile."""
+    """atoms: {"keys/group_0": (N, w), ...} + the structure a NeuralDict records (+ its whitening) → a DictionaryFile."""
+    whitening = whitening or {}
     kinds = {}
     for kind in KINDS:
         s = structure[kind]
@@ -24,7 +26,9 @@ def structure_dictionary(
         tensors = [atoms[f"{kind}/group_{g}"].detach().cpu().double() for g in range(n_groups)]
         # float64 normalisation, so the float32 rows are unit-norm to rounding
         tensors = [torch.nn.functional.normalize(t, dim=-1).float().numpy().astype(np.float32) for t in tensors]
-        kinds[kind] = KindDictionaries(s_n=s["s_n"], sparsity=s["sparsity"], layer_to_group=s["layer_to_group"], atoms=tensors)
+        A, A_inv = (t.float().numpy() for t in whitening[kind]) if kind in whitening else (None, None)
+        kinds[kind] = KindDictionaries(s_n=s["s_n"], sparsity=s["sparsity"], layer_to_group=s["layer_to_group"], atoms=tensors,
+                                       metric=s.get("metric", "l2"), whiten=A, unwhiten=A_inv)
     provenance = {"exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})}
     return DictionaryFile(ModelFingerprint(**structure["model"]), kinds["keys"], kinds["values"], provenance)
 
@@ -37,7 +41,7 @@ def export_checkpoint(ckpt_path: str, output: str | None = None) -> Path:
     prefix = "dictionaries."
     atoms = {_unescape(k[len(prefix):]): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     provenance = {"checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
-    dictionary = structure_dictionary(atoms, checkpoint[CHECKPOINT_KEY], provenance)
+    dictionary = structure_dictionary(atoms, checkpoint[CHECKPOINT_KEY], provenance, checkpoint.get(WHITENING_KEY))
     output = Path(output) if output else Path(ckpt_path).with_suffix(".safetensors")
     return save_dictionary(output, dictionary)
 

@@ -27,7 +27,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from csr_runtime.dictionary_file import INDEX_LIMIT, KINDS, save_dictionary
 from csr_runtime.sparse_coding import sparse_decode, sparse_encode, split_chunks
-from neuraldict.export import CHECKPOINT_KEY, _escape, structure_dictionary
+from neuraldict.export import CHECKPOINT_KEY, WHITENING_KEY, _escape, structure_dictionary
 from neuraldict.kmeans import kmeans_dictionary
 
 
@@ -118,6 +118,7 @@ class NeuralDict(L.LightningModule):
         self.save_hyperparameters()
         self.dictionaries = torch.nn.ParameterDict()
         self.structure: dict = {}
+        self.whitening: dict = {}
         self.initial_errors: dict[str, float] = {}
         self._val_sums: dict[str, torch.Tensor] = {}
 
@@ -141,8 +142,10 @@ class NeuralDict(L.LightningModule):
         self.structure = {
             "model": asdict(dm.fingerprint),
             **{kind: {"s_n": self.s_n(kind), "sparsity": self.sparsity(kind), "layer_to_group": dm.layer_to_group[kind],
-                      "n_atoms": self.hparams.n_atoms} for kind in KINDS},
+                      "n_atoms": self.hparams.n_atoms, "metric": "attention" if kind in dm.whitening else "l2"}
+               for kind in KINDS},
         }
+        self.whitening = dm.whitening  # kind → (A, A⁻¹): the dictionaries live in the space of A x
         if len(self.dictionaries):
             return
         g = torch.Generator().manual_seed(0)
@@ -218,6 +221,7 @@ class NeuralDict(L.LightningModule):
     # -- checkpoints and export ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = self.structure
+        checkpoint[WHITENING_KEY] = self.whitening
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
@@ -233,7 +237,7 @@ class NeuralDict(L.LightningModule):
         dm = self.trainer.datamodule
         provenance = {"trainer": "NeuralDict", "corpus": dm.hparams.corpus, "train_tokens": dm.hparams.train_tokens,
                       "global_step": self.global_step, "hparams": dict(self.hparams)}
-        return save_dictionary(path, structure_dictionary(atoms, self.structure, provenance))
+        return save_dictionary(path, structure_dictionary(atoms, self.structure, provenance, self.whitening))
 
     def _names(self) -> list[str]:
         return [f"{kind}/group_{g}" for kind in KINDS for g in range(max(self.structure[kind]["layer_to_group"]) + 1)]

@@ -29,7 +29,7 @@ def test_evaluate_writes_the_table_and_exact_methods_have_zero_kl(tiny_model_dir
                {"name": "KIVI-2", "type": "kivi", "bits": 2, "residual_length": 32, "group_size": 16},
                {"name": "quanto-4", "type": "quanto", "nbits": 4, "residual_length": 32, "q_group_size": 16}]
     rows = evaluate(model=str(tiny_model_dir), dictionary=str(dictionary), methods=methods, context_lengths=[64, 96],
-                    sequences_per_length=1, chunk=8, passkey_length=64, passkey_depths=[0.5], generation_tokens=4,
+                    sequences_per_length=1, chunk=8, passkey_lengths=[64], passkey_depths=[0.5], generation_tokens=4,
                     output=str(tmp_path / "report"))
     by = {r["method"]: r for r in rows}
     assert by["fp32"]["kl"] == 0 and by["fp32"]["top1"] == 1
