@@ -1,10 +1,14 @@
 """`CSRCache`: a `transformers` Cache that holds the KV cache as CSR codes (paper §Inference).
 
-Each layer's cache (`CSRLayer`, a `CacheLayerMixin` as `QuantizedLayer` is) stores, per token and KV
-head, `s` int16 atom indices and `s` coefficients (fp16, or fp8 as an option) for the key, and
-`s_n · s_v` of each for the value. Keys are coded **before RoPE**: the attention hands the cache
-rotated keys, the cache un-rotates them with the model's own rotary embedding, codes them, and
-rotates the reconstruction again when the keys are read.
+Each layer's cache (`CSRLayer`, a `CacheLayerMixin` as `QuantizedLayer` is) stores, per token, the
+(index, coefficient) pairs of every KV head's key (s atoms) and value (s_n · s_v atoms), **bit-packed**
+(`code_packing.py`): indices in ⌈log2(atoms a row can address)⌉ bits, coefficients in fp8 (E4M3,
+one power-of-two scale per layer and kind; MP rounds each coefficient before updating its residual),
+int8 with a per-vector scale, or fp16; `index_bits=16, coef_format="fp16"` is the paper's int16 + fp16
+layout. Keys are coded **before RoPE**: the attention hands the cache rotated keys, the cache
+un-rotates them with the model's own rotary embedding, codes them, and rotates the reconstruction
+again when the keys are read. With an attention-metric dictionary file (`metric.py`), vectors are
+whitened (A x) before coding and un-whitened (A⁻¹) after decoding.
 
 Per layer and per batch row the dictionary is
 
@@ -14,9 +18,10 @@ Per layer and per batch row the dictionary is
   + guard atoms   (vectors whose relative MP residual stays above `guard_threshold`, stored as their
                    own atom so they are reproduced almost exactly; prefill and decode alike)
 
-and the newest `window` tokens can be kept in full precision (as KIVI and Lexico do). Left padding is
-recognised from `position_ids` (a row's real tokens start at its last position 0): padding never
-becomes an online or guard atom. Every tensor the cache holds is counted by `memory_bytes()`.
+The first `sink_tokens` tokens (attention sinks, as in StreamingLLM) and the newest `window` tokens
+can be kept in full precision. Left padding is recognised from `position_ids` (a row's real tokens
+start at its last position 0): padding never becomes an online or guard atom. Every tensor the cache
+holds is counted by `memory_bytes()`.
 
 Where we depart from the paper: it leaves the guard rule open; ours is the residual threshold above.
 """
@@ -45,8 +50,8 @@ Sampling = Literal["reverse", "uniform"]
 class CSRSettings:
     """How a layer codes: shared by every layer of a `CSRCache`."""
 
-    sparsity_keys: int
-    sparsity_values: int  # per chunk
+    sparsity_keys: list[int]  # per layer
+    sparsity_values: list[int]  # per layer, per chunk
     s_n_values: int
     method: Method = "mp"
     online_atoms: int = 256  # per layer, kind and batch row
@@ -215,7 +220,8 @@ class CSRLayer(CacheLayerMixin):
         keys = unrotate(keys_rotated.float(), cos, sin)
         real = torch.arange(first, first + T, device=self.device)[None] >= self.n_pad[:, None]  # (B, T)
         s = self.settings
-        for kind, x, k, s_n in (("keys", keys, s.sparsity_keys, 1), ("values", values.float(), s.sparsity_values, s.s_n_values)):
+        l = self.layer_idx
+        for kind, x, k, s_n in (("keys", keys, s.sparsity_keys[l], 1), ("values", values.float(), s.sparsity_values[l], s.s_n_values)):
             store = self.stores[kind]
             if store.whiten is not None:  # code A x: plain L2 there is the attention metric here
                 x = whiten_heads(store.whiten, x)
@@ -402,7 +408,8 @@ class CSRCache(Cache):
 
     `sparsity=s` follows the paper's naming: keys with s atoms, values with s / s_n atoms per chunk, s_n
     being the value dictionary's (the paper's 2; 1 for the embedded default), so both cost 32·s/d_h bits
-    per channel. Or give `sparsity_keys` / `sparsity_values` directly.
+    per channel. Or give `sparsity_keys` / `sparsity_values` directly (one int, or one per layer). With none
+    of them, the dictionary file's allocation (`neuraldict allocate`) is used if it has one.
     `coded_layers` limits coding to some layers; the others keep full-precision K/V (counted too).
     """
 
@@ -412,8 +419,8 @@ class CSRCache(Cache):
         dictionary: str | os.PathLike | DictionaryFile,
         *,
         sparsity: int | None = None,
-        sparsity_keys: int | None = None,
-        sparsity_values: int | None = None,
+        sparsity_keys: int | list[int] | None = None,
+        sparsity_values: int | list[int] | None = None,
         method: Method = "mp",
         online_atoms: int = 256,
         online_sampling: Sampling = "reverse",
@@ -493,12 +500,14 @@ class CSRCache(Cache):
     def nominal_bits_per_channel(self) -> float:
         """The packed codes alone, keys and values averaged, no atoms, sinks or window: one token's bytes
         · 8 / (KV heads · d_h). With the paper's layout (16-bit indices, fp16) this is 32 · s · s_n / d_h."""
-        layer, fp, s = self._coded[0], self.fingerprint, self.settings
+        fp, s = self.fingerprint, self.settings
         bits = 0
-        for kind, k, s_n in (("keys", s.sparsity_keys, 1), ("values", s.sparsity_values, s.s_n_values)):
-            layout = CodeLayout(groups=fp.n_kv_heads * s_n, k=k, index_bits=layer.index_bits[kind], coef_format=s.coef_format)
-            bits += layout.nbytes * 8
-        return bits / (2 * fp.n_kv_heads * fp.head_dim)
+        for layer in self._coded:
+            l = layer.layer_idx
+            for kind, k, s_n in (("keys", s.sparsity_keys[l], 1), ("values", s.sparsity_values[l], s.s_n_values)):
+                layout = CodeLayout(groups=fp.n_kv_heads * s_n, k=k, index_bits=layer.index_bits[kind], coef_format=s.coef_format)
+                bits += layout.nbytes * 8
+        return bits / (2 * fp.n_kv_heads * fp.head_dim * len(self._coded))
 
     def stats(self) -> dict[str, int]:
         out = {}

@@ -74,6 +74,7 @@ class KindDictionaries:
     layer_to_group: list[int]
     atoms: list[np.ndarray]
     metric: str = "l2"  # "attention": atoms live in the whitened space A x
+    allocation: list[int] | None = None  # v2: atoms per chunk for each layer, chosen under a bit budget
     whiten: np.ndarray | None = None  # (n_layers, n_kv_heads, d_h, d_h) A, with metric "attention"
     unwhiten: np.ndarray | None = None  # A⁻¹
 
@@ -94,18 +95,32 @@ class DictionaryFile:
         return self.keys if kind == "keys" else self.values
 
     def resolve_sparsity(
-        self, sparsity: int | None = None, sparsity_keys: int | None = None, sparsity_values: int | None = None
-    ) -> tuple[int, int]:
-        """(s for keys, s per value chunk). `sparsity = s` is the paper's CSR-s: keys s, values s / s_n_V per chunk;
-        otherwise the given per-kind values, defaulting to the sparsities the dictionaries were trained at."""
+        self, sparsity: int | None = None, sparsity_keys: int | list[int] | None = None,
+        sparsity_values: int | list[int] | None = None,
+    ) -> tuple[list[int], list[int]]:
+        """Per layer: (s for keys, s per value chunk).
+
+        `sparsity = s` is the paper's CSR-s: keys s, values s / s_n_V per chunk in every layer; otherwise the
+        given per-kind values (one int, or one per layer); with none given, the file's allocation if it has one,
+        else the sparsities the dictionaries were trained at."""
+        n = self.model.n_layers
         if sparsity is not None:
             if sparsity_keys is not None or sparsity_values is not None:
                 raise ValueError("give either sparsity (CSR-s naming) or sparsity_keys / sparsity_values, not both")
             s_n = self.values.s_n
             if sparsity % s_n:
                 raise ValueError(f"CSR-{sparsity} splits values into s_n = {s_n} chunks: sparsity must be a multiple of {s_n}")
-            return sparsity, sparsity // s_n
-        return sparsity_keys or self.keys.sparsity, sparsity_values or self.values.sparsity
+            return [sparsity] * n, [sparsity // s_n] * n
+        out = []
+        for kind, given in (("keys", sparsity_keys), ("values", sparsity_values)):
+            d = self.kind(kind)
+            if given is None:
+                given = d.allocation if d.allocation is not None else d.sparsity
+            per_layer = [given] * n if isinstance(given, int) else list(given)
+            if len(per_layer) != n or not all(isinstance(k, int) and k >= 1 for k in per_layer):
+                raise ValueError(f"sparsity_{kind} must be a positive int or {n} positive ints (one per layer), got {given!r}")
+            out.append(per_layer)
+        return out[0], out[1]
 
     def check_model(self, model: ModelFingerprint, *, path: str | os.PathLike = "dictionary") -> None:
         """Raise ValueError if this dictionary was made for another architecture than `model`."""
@@ -145,6 +160,8 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
             "n_atoms": [int(a.shape[0]) for a in d.atoms],
             "metric": d.metric,
         }
+        if d.allocation is not None:
+            meta[kind]["allocation"] = list(d.allocation)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -191,6 +208,7 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
             layer_to_group=list(_field(k, "layer_to_group", path, f"{kind}.layer_to_group")),
             atoms=atoms,
             metric=k.get("metric", "l2"),
+            allocation=k.get("allocation"),
             whiten=tensors.get(f"{kind}/whiten"),
             unwhiten=tensors.get(f"{kind}/unwhiten"),
         )
@@ -228,6 +246,10 @@ def _validate(d: DictionaryFile, *, source: str) -> None:
         bad = sorted({g for g in k.layer_to_group if not (isinstance(g, int) and 0 <= g < len(k.atoms))}, key=str)
         if bad:
             raise ValueError(f"{source}: {kind}.layer_to_group names groups {bad}, only 0..{len(k.atoms) - 1} exist")
+        if k.allocation is not None and (len(k.allocation) != d.model.n_layers
+                                         or not all(isinstance(a, int) and a >= 1 for a in k.allocation)):
+            raise ValueError(f"{source}: {kind}.allocation must hold {d.model.n_layers} positive ints (atoms per chunk, "
+                             f"one per layer), got {k.allocation!r}")
         if k.metric not in METRICS:
             raise ValueError(f"{source}: {kind}.metric = {k.metric!r}; supported: {list(METRICS)}")
         whitened = k.metric == "attention"

@@ -31,8 +31,8 @@ from mlx_backend.sparse_coding import sparse_decode, sparse_encode, split_chunks
 
 @dataclass
 class CSRSettings:
-    sparsity_keys: int
-    sparsity_values: int  # per chunk
+    sparsity_keys: list[int]  # per layer
+    sparsity_values: list[int]  # per layer, per chunk
     s_n_values: int
     method: str = "mp"
     online_atoms: int = 256
@@ -154,8 +154,9 @@ class CSRKVCache:
         B, H, T, d = keys_rotated.shape
         keys = unrotate(keys_rotated.astype(mx.float32), self.rope, self.sink_keys.shape[2] + self.n_coded)
         s = self.settings
-        for kind, x, k, s_n in (("keys", keys, s.sparsity_keys, 1),
-                                ("values", values.astype(mx.float32), s.sparsity_values, s.s_n_values)):
+        l = self.layer_idx
+        for kind, x, k, s_n in (("keys", keys, s.sparsity_keys[l], 1),
+                                ("values", values.astype(mx.float32), s.sparsity_values[l], s.s_n_values)):
             store = self.stores[kind]
             if store.whiten is not None:  # code A x: plain L2 there is the attention metric here
                 x = whiten_heads(store.whiten, x)
@@ -270,8 +271,8 @@ def make_csr_cache(
     dictionary: str | os.PathLike | DictionaryFile,
     *,
     sparsity: int | None = None,
-    sparsity_keys: int | None = None,
-    sparsity_values: int | None = None,
+    sparsity_keys: int | list[int] | None = None,
+    sparsity_values: int | list[int] | None = None,
     method: str = "mp",
     online_atoms: int = 256,
     guard_atoms: int = 256,

@@ -1,4 +1,4 @@
-"""Command line: `neuraldict collect | fit | validate | export | compare ...` and the `lightning` console script.
+"""Command line: `neuraldict collect | fit | validate | export | allocate | compare ...` and the `lightning` console script.
 
 `lightning fit --config configs/llama.yaml` and `neuraldict fit --config configs/llama.yaml` are the
 same LightningCLI. The other subcommands are plain functions; jsonargparse builds their flags (and
@@ -37,10 +37,11 @@ def main(argv: list[str] | None = None) -> None:
         return lightning_main(argv)
     from jsonargparse import CLI
 
+    from neuraldict.allocate import allocate
     from neuraldict.collect import collect_kv
     from neuraldict.compare import compare
 
-    CLI({"collect": collect_kv, "export": export, "compare": compare}, args=argv, as_positional=False)
+    CLI({"collect": collect_kv, "export": export, "allocate": allocate, "compare": compare}, args=argv, as_positional=False)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def test_memory_bytes_counts_every_held_tensor_and_matches_the_packed_formula(co
 def test_bits_per_channel_of_codes_alone_is_32_s_sn_over_dh():
     lm = tiny_llama(n_layers=2, kv_heads=2)
     cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, **PAPER_LAYOUT)  # CSR-4
-    assert (cache.settings.sparsity_keys, cache.settings.sparsity_values) == (4, 2)
+    assert (cache.settings.sparsity_keys, cache.settings.sparsity_values) == ([4, 4], [2, 2])
     with torch.no_grad():
         lm(torch.randint(0, 128, (1, 300)), past_key_values=cache)
     assert cache.nominal_bits_per_channel() == 32 * 4 / 16

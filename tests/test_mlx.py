@@ -195,3 +195,22 @@ def test_packed_codes_are_the_same_bytes_in_both_runtimes(coef_format):
     if coef_format != "int8":
         np.testing.assert_array_equal(np.array(mp.quantize_coefficients(mx.array(coef), coef_format, scale)),
                                       tp.quantize_coefficients(torch.from_numpy(coef), coef_format, scale).numpy())
+
+
+def test_whitened_complete_dictionary_reproduces_kvcache_logits():
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from csr_runtime.metric import whitening
+
+    model = tiny_mlx_llama()
+    dictionary = complete_dictionary(model)
+    g = torch.Generator().manual_seed(3)
+    for kind in (dictionary.keys, dictionary.values):  # an arbitrary metric: A⁻¹ must undo A exactly
+        M = torch.randn(2, 2, 16, 16, generator=g, dtype=torch.float64)
+        A, A_inv = whitening(M @ M.transpose(-1, -2) + torch.eye(16))
+        kind.metric, kind.whiten, kind.unwhiten = "attention", A.numpy(), A_inv.numpy()
+    csr = make_csr_cache(model, dictionary, online_atoms=0, guard_atoms=0, coef_format="fp16")
+    plain = make_prompt_cache(model)
+    ids = mx.array(np.random.default_rng(0).integers(0, 128, (1, 16)))
+    for part in (ids[:, :12], ids[:, 12:13], ids[:, 13:]):
+        np.testing.assert_allclose(np.array(model(part, cache=csr)), np.array(model(part, cache=plain)), atol=5e-3)

@@ -1,0 +1,145 @@
+"""Bits where attention feels them: atoms per layer and kind under a total budget in bits per channel.
+
+For every layer λ and kind (keys, values), MP codes held-out (validation) vectors with the layer's
+offline dictionary — in the space the dictionary lives in, so with an attention-metric file the
+error is the attention metric — and records the mean squared error e_λ,kind(k) after k = 0 … k_max
+atoms (MP is greedy: the first k atoms of a k_max-atom code are the k-atom code). Then, from one
+atom everywhere, the next atom goes to the (layer, kind) with the largest
+
+    w_kind · (e(k) − e(k + 1)) / (bits of one more atom in every KV head),
+
+until the budget is spent. `key_weight` (w_keys / w_values) sets the exchange rate between the key
+error (logit² units with the attention metric) and the value error (output² units): choose it on the
+validation split with `csr-eval --split validation`.
+
+    neuraldict allocate --dictionary runs/.../dictionary.safetensors --bits_per_channel 1.0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from csr_runtime.code_layout import COEF_BITS, index_bits_for
+from csr_runtime.dictionary_file import KINDS, DictionaryFile, load_dictionary, save_dictionary
+from csr_runtime.sparse_coding import sparse_encode, split_chunks
+
+
+def error_curves(dictionary: DictionaryFile, vectors, *, max_sparsity: int, max_vectors: int = 4096) -> dict:
+    """{kind: (n_layers, max_sparsity + 1) mean squared error after k atoms per chunk}.
+
+    vectors(layer, kind) → (n, d_h) head vectors (pre-RoPE keys), rows head-minor (n = tokens · H)."""
+    curves = {}
+    n_layers, H = dictionary.model.n_layers, dictionary.model.n_kv_heads
+    g = torch.Generator().manual_seed(0)
+    for kind in KINDS:
+        d = dictionary.kind(kind)
+        curve = np.zeros((n_layers, max_sparsity + 1))
+        for layer in tqdm(range(n_layers), desc=f"Error curves ({kind})", dynamic_ncols=True):
+            x = torch.from_numpy(np.asarray(vectors(layer, kind), dtype=np.float32))
+            if d.whiten is not None:  # the dictionary lives in the space of A x
+                A = torch.from_numpy(d.whiten[layer])
+                x = torch.einsum("hij,nhj->nhi", A, x.view(-1, H, x.shape[-1])).reshape(len(x), -1)
+            x = x[torch.randperm(len(x), generator=g)[:max_vectors]]
+            chunks = split_chunks(x, d.s_n).flatten(0, 1)
+            atoms = torch.from_numpy(d.for_layer(layer))
+            idx, coef = sparse_encode(chunks, atoms, s=max_sparsity)
+            residual = chunks.clone()
+            curve[layer, 0] = float(residual.square().sum(-1).mean()) * d.s_n
+            for k in range(max_sparsity):
+                residual -= coef[:, k : k + 1] * atoms[idx[:, k]]
+                curve[layer, k + 1] = float(residual.square().sum(-1).mean()) * d.s_n  # per head vector
+        curves[kind] = curve
+    return curves
+
+
+def greedy_allocation(curves: dict, atom_bits: dict, *, bits_per_channel: float, n_kv_heads: int, head_dim: int,
+                      s_n: dict, key_weight: float = 1.0) -> dict[str, list[int]]:
+    """Atoms per chunk {kind: [k_λ]} with Σ code bits ≤ the budget (codes only; byte padding aside).
+
+    atom_bits[kind]: bits of one (index, coefficient) pair; one more atom per chunk costs
+    n_kv_heads · s_n · atom_bits bits a token."""
+    n_layers = next(iter(curves.values())).shape[0]
+    budget = bits_per_channel * n_layers * 2 * n_kv_heads * head_dim  # bits a token, every layer, K and V
+    cost = {kind: n_kv_heads * s_n[kind] * atom_bits[kind] for kind in KINDS}
+    minimum = n_layers * sum(cost.values())
+    if budget < minimum:
+        raise ValueError(f"a budget of {bits_per_channel} bits per channel cannot give every layer one atom per chunk: "
+                         f"that takes {minimum / (n_layers * 2 * n_kv_heads * head_dim):.3f} bits per channel at "
+                         f"{atom_bits} bits an atom")
+    weight = {"keys": key_weight, "values": 1.0}
+    k = {kind: [1] * n_layers for kind in KINDS}
+    spent = minimum
+    while True:
+        best, gain = None, 0.0
+        for kind in KINDS:
+            for layer in range(n_layers):
+                j = k[kind][layer]
+                if j + 1 >= curves[kind].shape[1] or spent + cost[kind] > budget:
+                    continue
+                g = weight[kind] * (curves[kind][layer, j] - curves[kind][layer, j + 1]) / cost[kind]
+                if g > gain:
+                    best, gain = (kind, layer), g
+        if best is None:
+            return k
+        k[best[0]][best[1]] += 1
+        spent += cost[best[0]]
+
+
+def allocate(
+    dictionary: str,
+    bits_per_channel: float = 1.0,
+    output: str | None = None,
+    key_weight: float = 1.0,
+    max_sparsity: int = 8,
+    online_atoms: int = 64,
+    guard_atoms: int = 64,
+    coef_format: str = "fp8",
+    corpus: str | None = None,
+    tokens: int = 2048,
+    model: str | None = None,
+) -> Path:
+    """Write a copy of `dictionary` whose allocation spends `bits_per_channel` on codes where they help most.
+
+    Args:
+        dictionary: the dictionary file (from `lightning fit`).
+        bits_per_channel: budget for the codes (indices + coefficients) of keys and values, averaged over layers.
+        output: the new file (default: `<dictionary>-<bits>bit.safetensors` next to it).
+        key_weight: exchange rate of key error against value error (choose on the validation split).
+        max_sparsity: most atoms per chunk one layer may get.
+        online_atoms, guard_atoms: the extra atoms a runtime adds (they set the index width: ⌈log2(N + extra)⌉).
+        coef_format: the runtime's coefficient format ("fp8", "int8", "fp16"), for the bits of one atom.
+        corpus: text whose validation split gives the vectors (default: the file's training corpus).
+        tokens: validation tokens.
+        model: the model (default: the file's model_id).
+    """
+    from neuraldict.collect import collect_kv
+
+    d = load_dictionary(dictionary)
+    corpus = corpus or d.provenance.get("corpus", "python-docs")
+    collection = collect_kv(model=model or d.model.model_id, corpus=corpus, split="validation", max_tokens=tokens,
+                            window=min(512, tokens))
+    curves = error_curves(d, collection.vectors, max_sparsity=max_sparsity)
+    extra = online_atoms + guard_atoms
+    # one (index, coefficient) pair; int8's per-chunk scale is left out of the exchange rates
+    atom_bits = {kind: index_bits_for(max(a.shape[0] for a in d.kind(kind).atoms) + extra) + COEF_BITS[coef_format]
+                 for kind in KINDS}
+    allocation = greedy_allocation(curves, atom_bits, bits_per_channel=bits_per_channel, n_kv_heads=d.model.n_kv_heads,
+                                   head_dim=d.model.head_dim, s_n={kind: d.kind(kind).s_n for kind in KINDS},
+                                   key_weight=key_weight)
+    provenance = {**d.provenance, "allocation": {"bits_per_channel": bits_per_channel, "key_weight": key_weight,
+                                                 "online_atoms": online_atoms, "guard_atoms": guard_atoms,
+                                                 "coef_format": coef_format, "corpus": corpus, "tokens": tokens}}
+    result = dataclasses.replace(d, keys=dataclasses.replace(d.keys, allocation=allocation["keys"]),
+                                 values=dataclasses.replace(d.values, allocation=allocation["values"]), provenance=provenance)
+    output = Path(output) if output else Path(dictionary).with_name(f"{Path(dictionary).stem}-{bits_per_channel:g}bit.safetensors")
+    save_dictionary(output, result)
+    print(f"Allocation for {bits_per_channel:g} bits per channel (codes), atoms per chunk by layer:")
+    for kind in KINDS:
+        print(f"  {kind:6s} {allocation[kind]}  (mean {np.mean(allocation[kind]):.2f})")
+    print(f"Dictionary file: {output}")
+    return output
