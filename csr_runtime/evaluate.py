@@ -140,6 +140,11 @@ def evaluate(
             raise ValueError("CSR methods need a dictionary file: pass --dictionary runs/llama/.../dictionary.safetensors")
         dict_file = load_dictionary(dictionary, model=model_fingerprint(lm, model))
     fp = model_fingerprint(lm, model)
+    for m in methods:  # every method's options are checked before any work, not after an hour of it
+        try:
+            make_cache(m, lm, dict_file)
+        except TypeError as e:
+            raise ValueError(f"method {m.get('name', m)!r}: {e}") from None
     if split not in ("validation", "test"):
         raise ValueError(f"split has to be 'validation' (choosing settings) or 'test' (reporting), got {split!r}")
     docs = load_corpus(corpus, split)

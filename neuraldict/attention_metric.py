@@ -44,6 +44,7 @@ def query_moments(lm: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     return (sums / count).view(fp.n_layers, fp.n_kv_heads, group, fp.head_dim, fp.head_dim).sum(2)
 
 
+@torch.no_grad()
 def attention_whitening(lm: torch.nn.Module, windows: torch.Tensor, *, max_distance: int = 2048) -> dict:
     """{"keys": (A, A⁻¹), "values": (A, A⁻¹)}, each (n_layers, n_kv_heads, d_h, d_h) float32."""
     fp = model_fingerprint(lm, "")

@@ -134,7 +134,7 @@ class KVDataModule(L.LightningDataModule):
         h = self.hparams
         cached = collection.path / f"whitening_t{h.metric_tokens}_d{h.metric_distance}.pt"
         if cached.is_file():
-            return torch.load(cached, weights_only=True)
+            return {kind: tuple(t.detach() for t in pair) for kind, pair in torch.load(cached, weights_only=True).items()}
         from neuraldict.attention_metric import attention_whitening
         from neuraldict.collect import token_windows
         from neuraldict.corpus import load_corpus

@@ -177,3 +177,26 @@ def test_every_config_parses(config):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "model" in run.stdout
+
+
+def test_attention_metric_fit_trains_on_whitened_vectors_and_exports_the_whitening(tiny_model_dir, tmp_path, capsys):
+    from neuraldict.export import export_checkpoint
+
+    run_lightning_cli(tiny_fit_args(tiny_model_dir, tmp_path / "run", "--data.metric", "attention",
+                                    "--data.metric_tokens", "256", "--data.metric_distance", "64"))
+    path = Path(capsys.readouterr().out.split("Dictionary file: ")[1].split()[0])
+    d = load_dictionary(path)
+    assert d.keys.metric == d.values.metric == "attention" and d.values.whiten.shape == (3, 2, 16, 16)
+    # the value whitening is the output projection's metric: ‖A v‖² ∝ Σ_j ‖W_o,j v‖² for the query heads j of KV head 0
+    lm, _ = load_model(str(tiny_model_dir))
+    W = lm.model.layers[1].self_attn.o_proj.weight.detach().double()
+    v = torch.randn(16, dtype=torch.float64)
+    through_o = sum(float((W[:, j * 16 : (j + 1) * 16] @ v).square().sum()) for j in (0, 1))
+    A = torch.from_numpy(d.values.whiten[1, 0]).double()
+    ratios = [through_o / float((A @ v).square().sum())]
+    v2 = torch.randn(16, dtype=torch.float64)
+    ratios.append(sum(float((W[:, j * 16 : (j + 1) * 16] @ v2).square().sum()) for j in (0, 1)) / float((A @ v2).square().sum()))
+    assert ratios[0] == pytest.approx(ratios[1], rel=1e-3)  # one constant: the metric up to its normalisation
+    last = next((tmp_path / "run").rglob("last.ckpt"))  # the checkpoint carries the whitening for a later export
+    again = load_dictionary(export_checkpoint(str(last), str(tmp_path / "again.safetensors")))
+    np.testing.assert_array_equal(again.keys.whiten, d.keys.whiten)
