@@ -1,8 +1,15 @@
-"""The bit layout of packed CSR codes: pure Python, shared by the torch and MLX runtimes (no torch here).
+"""The byte layout of packed CSR codes: pure Python, shared by the torch and MLX runtimes (no torch here).
 
-One token's code of one kind (keys or values) is, for each KV head h, chunk j and atom g, an index of
-`index_bits` then a coefficient of 8 or 16 bits (``int8``: a 16-bit fp16 scale first in each head
-chunk), written little-endian into one bit stream padded to whole bytes. See `code_packing`.
+One token's code of one kind (keys or values) holds `groups · k` (index, coefficient) pairs, groups =
+KV heads × chunks (s_n), k atoms per chunk, in two sections:
+
+    indices       groups · k fields of `index_bits`, in (head, chunk, atom) order, written
+                  little-endian into one bit stream padded to whole bytes;
+    coefficients  byte-aligned, same order: fp8 (E4M3) one byte each; fp16 two bytes each
+                  (little-endian); int8: per head chunk an fp16 scale (2 bytes) then its k int8.
+
+Coefficients are byte-aligned so a runtime reads them as one typed view, without bit arithmetic.
+See `code_packing` (torch) and `mlx_backend.code_packing`.
 """
 
 from __future__ import annotations
@@ -52,22 +59,27 @@ class CodeLayout:
 
     @property
     def widths(self) -> list[int]:
-        """Bit width of every field of one token, in stream order."""
-        atom = [self.index_bits, COEF_BITS[self.coef_format]]
-        group = ([16] if self.coef_format == "int8" else []) + atom * self.k
-        return group * self.groups
+        """Bit width of every index field of one token, in stream order."""
+        return [self.index_bits] * (self.groups * self.k)
 
     @property
-    def bits(self) -> int:
-        return sum(self.widths)
+    def index_bytes(self) -> int:
+        """Bytes of the index section (the bit stream rounded up to whole bytes)."""
+        return (sum(self.widths) + 7) // 8
+
+    @property
+    def coef_bytes(self) -> int:
+        per_atom = COEF_BITS[self.coef_format] // 8
+        scales = 2 * self.groups if self.coef_format == "int8" else 0
+        return self.groups * self.k * per_atom + scales
 
     @property
     def nbytes(self) -> int:
-        """Bytes one token's code takes (the bit stream rounded up to whole bytes)."""
-        return (self.bits + 7) // 8
+        """Bytes one token's code takes."""
+        return self.index_bytes + self.coef_bytes
 
     def field_offsets(self) -> tuple[list[int], list[int]]:
-        """(byte offset, bit shift within that byte) of every field."""
+        """(byte offset, bit shift within that byte) of every index field."""
         starts, pos = [], 0
         for w in self.widths:
             starts.append(pos)

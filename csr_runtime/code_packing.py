@@ -5,13 +5,9 @@ into a row dictionary of M atoms (offline + online + guard) needs only ⌈log2 M
 coefficient survives 8 bits (Lexico stores FP8), so at d_h = 64 one bit per channel buys three
 19-bit atoms instead of two 32-bit ones.
 
-A `CodeLayout` says how one token's code of one kind (keys or values) is laid out:
-
-    for each KV head h, chunk j, atom g:   index (index_bits)  then  coefficient (coef bits)
-    ["int8" only: one fp16 scale per head chunk, before its atoms]
-
-fields written little-endian into one bit stream, padded to whole bytes: a token's code is
-`nbytes` uint8, so the cache holds (B, T, nbytes). Coefficient formats:
+A `CodeLayout` (`code_layout.py`) says how one token's code of one kind (keys or values) is laid out:
+the indices bit-packed little-endian, then the coefficients byte-aligned, so a token's code is
+`nbytes` uint8 and the cache holds (B, T, nbytes). Coefficient formats:
 
 - ``fp16``: IEEE half, the paper's layout with ``index_bits = 16`` (32 bits an atom, byte-aligned);
 - ``fp8``: E4M3 of ``coef / scale`` with one power-of-two ``scale`` per layer and kind (set from the
@@ -31,7 +27,7 @@ __all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "
            "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]
 
 def pack_fields(values: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
-    """values: (n, F) integers in [0, 2^width) per field → (n, nbytes) uint8 little-endian bit stream.
+    """values: (n, F) integers in [0, 2^width) per field → (n, index_bytes) uint8 little-endian bit stream.
 
     A field of ≤ 16 bits starting at bit r of byte o spans bytes o..o+2; the fields' bits never
     overlap, so adding their byte contributions is the same as OR-ing them."""
@@ -39,26 +35,40 @@ def pack_fields(values: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
     n, F = values.shape
     byte_t = torch.tensor(byte, device=values.device)
     shifted = values.to(torch.int32) << torch.tensor(shift, dtype=torch.int32, device=values.device)
-    out = torch.zeros(n, layout.nbytes + 2, dtype=torch.int32, device=values.device)
+    out = torch.zeros(n, layout.index_bytes + 2, dtype=torch.int32, device=values.device)
     for j in range(3):
         out.scatter_add_(1, (byte_t + j).expand(n, F), (shifted >> (8 * j)) & 0xFF)
-    return out[:, : layout.nbytes].to(torch.uint8)
+    return out[:, : layout.index_bytes].to(torch.uint8)
 
 
 def unpack_fields(packed: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
-    """(n, nbytes) uint8 → (n, F) int32: the inverse of `pack_fields`.
+    """(n, index_bytes) uint8 → (n, F) int32: the inverse of `pack_fields`.
 
-    Reads each field's three bytes (indices clamped at the end: bytes past a field's span only add
-    bits above its width, which the mask drops)."""
-    byte, shift = layout.field_offsets()
-    dev = packed.device
-    b = packed.to(torch.int32)
-    last = layout.nbytes - 1
-    word = torch.zeros(packed.shape[0], len(byte), dtype=torch.int32, device=dev)
-    for j in range(3):
-        word |= b[:, torch.tensor([min(o + j, last) for o in byte], device=dev)] << (8 * j)
-    masks = torch.tensor([(1 << w) - 1 for w in layout.widths], dtype=torch.int32, device=dev)
-    return (word >> torch.tensor(shift, dtype=torch.int32, device=dev)) & masks
+    Each field's three bytes b0 + 2⁸ b1 + 2¹⁶ b2 come out of one small matrix product with a 0 / 2⁸ʲ
+    selection matrix (exact in float32: every partial sum is an integer below 2²⁴), ~10× faster on CPU
+    than gathering byte columns; bytes past a field's span only add bits above its width, which the
+    mask drops."""
+    word = (packed.float() @ _byte_selection(layout, packed.device)).to(torch.int32)
+    shift = torch.tensor(layout.field_offsets()[1], dtype=torch.int32, device=packed.device)
+    masks = torch.tensor([(1 << w) - 1 for w in layout.widths], dtype=torch.int32, device=packed.device)
+    return (word >> shift) & masks
+
+
+_SELECTIONS: dict = {}
+
+
+def _byte_selection(layout: CodeLayout, device) -> torch.Tensor:
+    """(index_bytes, F) float32 with 2⁸ʲ at (byte offset of field f + j, f), j = 0, 1, 2 (within the stream)."""
+    key = (layout, str(device))
+    if key not in _SELECTIONS:
+        byte, _ = layout.field_offsets()
+        S = torch.zeros(layout.index_bytes, len(byte))
+        for f, o in enumerate(byte):
+            for j in range(3):
+                if o + j < layout.index_bytes:
+                    S[o + j, f] = float(1 << (8 * j))
+        _SELECTIONS[key] = S.to(device)
+    return _SELECTIONS[key]
 
 
 def quantize_coefficients(coef: torch.Tensor, coef_format: CoefFormat, scale: float = 1.0) -> torch.Tensor:
@@ -80,34 +90,29 @@ def pack_codes(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout, *, sca
     if idx.numel() and int(idx.max()) >= 1 << layout.index_bits:
         raise ValueError(f"index {int(idx.max())} does not fit in index_bits = {layout.index_bits}")
     fmt = layout.coef_format
+    coef = coef.float()
     if fmt == "fp16":
-        c = coef.half().view(torch.int16).to(torch.int32) & 0xFFFF
+        c = coef.half().contiguous().view(torch.uint8)  # (n, G, 2k), little-endian on every platform we run on
     elif fmt == "fp8":
-        c = (coef.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8).to(torch.int32)
+        c = (coef / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     else:
-        group_scale = (coef.float().abs().amax(-1, keepdim=True) / 127).half()  # (n, G, 1)
-        q = torch.round(coef.float() / group_scale.float().clamp_min(1e-30)).clamp(-127, 127).to(torch.int32)
-        c = q & 0xFF
-    fields = torch.stack([idx.to(torch.int32), c], dim=-1).flatten(2)  # (n, G, 2k): index, coef, index, coef, ...
-    if fmt == "int8":
-        s16 = group_scale.view(torch.int16).to(torch.int32) & 0xFFFF
-        fields = torch.cat([s16, fields], dim=-1)
-    return pack_fields(fields.flatten(1), layout)
+        group_scale = (coef.abs().amax(-1, keepdim=True) / 127).half()  # (n, G, 1)
+        q = torch.round(coef / group_scale.float().clamp_min(1e-30)).clamp(-127, 127).to(torch.int8)
+        c = torch.cat([group_scale.view(torch.uint8), q.view(torch.uint8)], dim=-1)  # (n, G, 2 + k)
+    return torch.cat([pack_fields(idx.reshape(n, -1), layout), c.reshape(n, -1)], dim=1)
 
 
 def unpack_codes(packed: torch.Tensor, layout: CodeLayout, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, nbytes) uint8 → idx (n, groups, k) int64, coef (n, groups, k) float32."""
-    fields = unpack_fields(packed, layout).view(packed.shape[0], layout.groups, -1)
+    """(n, nbytes) uint8 → idx (n, groups, k) int32, coef (n, groups, k) float32."""
+    n, G, k = packed.shape[0], layout.groups, layout.k
+    idx = unpack_fields(packed[:, : layout.index_bytes], layout).view(n, G, k)
+    c = packed[:, layout.index_bytes :].contiguous()
     fmt = layout.coef_format
-    if fmt == "int8":
-        group_scale = fields[..., :1].to(torch.int16).view(torch.float16).float()
-        fields = fields[..., 1:]
-    pairs = fields.unflatten(-1, (layout.k, 2))
-    idx, c = pairs[..., 0].long(), pairs[..., 1]
     if fmt == "fp16":
-        coef = c.to(torch.int16).view(torch.float16).float()
+        coef = c.view(torch.float16).float().view(n, G, k)
     elif fmt == "fp8":
-        coef = c.to(torch.uint8).view(torch.float8_e4m3fn).float() * scale
+        coef = c.view(torch.float8_e4m3fn).float().view(n, G, k) * scale
     else:
-        coef = ((c ^ 0x80) - 0x80).float() * group_scale  # sign-extend the int8
+        c = c.view(n, G, 2 + k)
+        coef = c[..., 2:].contiguous().view(torch.int8).float() * c[..., :2].contiguous().view(torch.float16).float()
     return idx, coef

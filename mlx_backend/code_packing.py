@@ -14,24 +14,24 @@ __all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "fp8_scale", "i
            "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]
 
 def pack_fields(values: mx.array, layout: CodeLayout) -> mx.array:
-    """values: (n, F) integers in [0, 2^width) → (n, nbytes) uint8 little-endian bit stream (scatter-add of
-    each field's three byte contributions: the fields' bits never overlap)."""
+    """values: (n, F) integers in [0, 2^width) → (n, index_bytes) uint8 little-endian bit stream (scatter-add
+    of each field's three byte contributions: the fields' bits never overlap)."""
     byte, shift = layout.field_offsets()
     n, F = values.shape
     shifted = mx.left_shift(values.astype(mx.int32), mx.array(shift, dtype=mx.int32))
-    out = mx.zeros((n, layout.nbytes + 2), dtype=mx.int32)
+    out = mx.zeros((n, layout.index_bytes + 2), dtype=mx.int32)
     rows = mx.broadcast_to(mx.arange(n)[:, None], (n, F))
     for j in range(3):
         cols = mx.broadcast_to(mx.array(byte)[None] + j, (n, F))
         out = out.at[rows, cols].add(mx.bitwise_and(mx.right_shift(shifted, 8 * j), 0xFF))
-    return out[:, : layout.nbytes].astype(mx.uint8)
+    return out[:, : layout.index_bytes].astype(mx.uint8)
 
 
 def unpack_fields(packed: mx.array, layout: CodeLayout) -> mx.array:
-    """(n, nbytes) uint8 → (n, F) int32: the inverse of `pack_fields`."""
+    """(n, index_bytes) uint8 → (n, F) int32: the inverse of `pack_fields`."""
     byte, shift = layout.field_offsets()
     b = packed.astype(mx.int32)
-    last = layout.nbytes - 1
+    last = layout.index_bytes - 1
     word = mx.zeros((packed.shape[0], len(byte)), dtype=mx.int32)
     for j in range(3):
         word = mx.bitwise_or(word, mx.left_shift(b[:, mx.array([min(o + j, last) for o in byte])], 8 * j))
@@ -58,33 +58,27 @@ def pack_codes(idx: mx.array, coef: mx.array, layout: CodeLayout, *, scale: floa
     fmt = layout.coef_format
     coef = coef.astype(mx.float32)
     if fmt == "fp16":
-        c = coef.astype(mx.float16).view(mx.uint16).astype(mx.int32)
+        c = mx.contiguous(coef.astype(mx.float16)).view(mx.uint8)  # (n, G, 2k)
     elif fmt == "fp8":
-        c = mx.to_fp8(mx.clip(coef / scale, -FP8_MAX, FP8_MAX)).astype(mx.int32)
+        c = mx.to_fp8(mx.clip(coef / scale, -FP8_MAX, FP8_MAX))
     else:
         group_scale = (mx.max(mx.abs(coef), axis=-1, keepdims=True) / 127).astype(mx.float16)
-        q = mx.clip(mx.round(coef / mx.maximum(group_scale.astype(mx.float32), 1e-30)), -127, 127).astype(mx.int32)
-        c = mx.bitwise_and(q, 0xFF)
-    fields = mx.stack([idx.astype(mx.int32), c], axis=-1).reshape(n, G, 2 * k)
-    if fmt == "int8":
-        fields = mx.concatenate([group_scale.view(mx.uint16).astype(mx.int32), fields], axis=-1)
-    return pack_fields(fields.reshape(n, -1), layout)
+        q = mx.clip(mx.round(coef / mx.maximum(group_scale.astype(mx.float32), 1e-30)), -127, 127).astype(mx.int8)
+        c = mx.concatenate([mx.contiguous(group_scale).view(mx.uint8), q.view(mx.uint8)], axis=-1)
+    return mx.concatenate([pack_fields(idx.reshape(n, -1), layout), c.reshape(n, -1)], axis=1)
 
 
 def unpack_codes(packed: mx.array, layout: CodeLayout, *, scale: float = 1.0) -> tuple[mx.array, mx.array]:
     """(n, nbytes) uint8 → idx (n, groups, k) int32, coef (n, groups, k) float32."""
-    n = packed.shape[0]
-    fields = unpack_fields(packed, layout).reshape(n, layout.groups, -1)
+    n, G, k = packed.shape[0], layout.groups, layout.k
+    idx = unpack_fields(packed[:, : layout.index_bytes], layout).reshape(n, G, k)
+    c = mx.contiguous(packed[:, layout.index_bytes :])
     fmt = layout.coef_format
-    if fmt == "int8":
-        group_scale = fields[..., :1].astype(mx.uint16).view(mx.float16).astype(mx.float32)
-        fields = fields[..., 1:]
-    pairs = fields.reshape(n, layout.groups, layout.k, 2)
-    idx, c = pairs[..., 0], pairs[..., 1]
     if fmt == "fp16":
-        coef = c.astype(mx.uint16).view(mx.float16).astype(mx.float32)
+        coef = c.view(mx.float16).astype(mx.float32).reshape(n, G, k)
     elif fmt == "fp8":
-        coef = mx.from_fp8(c.astype(mx.uint8), dtype=mx.float32) * scale
+        coef = mx.from_fp8(c, dtype=mx.float32).reshape(n, G, k) * scale
     else:
-        coef = c.astype(mx.uint8).view(mx.int8).astype(mx.float32) * group_scale
+        c = c.reshape(n, G, 2 + k)
+        coef = mx.contiguous(c[..., 2:]).view(mx.int8).astype(mx.float32) * mx.contiguous(c[..., :2]).view(mx.float16).astype(mx.float32)
     return idx, coef

@@ -74,9 +74,10 @@ def test_memory_bytes_counts_every_held_tensor_and_matches_the_packed_formula(co
     held = sum(t.nbytes for layer in cache.layers for t in layer.held_tensors())
     assert cache.memory_bytes() == held
     H, coded, index_bits = 2, T - 3 - 2, 7  # 64 offline + 6 online atoms: ⌈log2 70⌉ = 7 bits an index
-    key_bits = H * (scale_bits + 4 * (index_bits + coef_bits))  # one token's key code: H heads × 4 atoms
-    value_bits = H * 2 * (scale_bits + 2 * (index_bits + coef_bits))  # H heads × 2 chunks × 2 atoms
-    codes = B * coded * (math.ceil(key_bits / 8) + math.ceil(value_bits / 8))
+    # one token's code: bit-packed indices, then byte-aligned coefficients (+ a 16-bit scale per head chunk for int8)
+    key_bytes = math.ceil(H * 4 * index_bits / 8) + H * (4 * coef_bits + scale_bits) // 8  # H heads × 4 atoms
+    value_bytes = math.ceil(H * 2 * 2 * index_bits / 8) + H * 2 * (2 * coef_bits + scale_bits) // 8  # × 2 chunks × 2 atoms
+    codes = B * coded * (key_bytes + value_bytes)
     online = B * 6 * (16 + 8) * 2  # fp16 atoms, keys (w=16) and values (w=8)
     exact = 2 * B * H * (3 + 2) * 16 * 4  # fp32 K and V of the window and the sinks
     per_layer = codes + online + exact + B * 8  # + n_pad (int64 per row)

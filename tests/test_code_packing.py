@@ -15,14 +15,16 @@ def test_fields_round_trip_exactly(index_bits):
     widths = torch.tensor(layout.widths)
     values = (torch.rand(500, len(layout.widths), generator=g) * (2.0**widths)).long()  # every value a field can hold
     packed = pack_fields(values, layout)
-    assert packed.dtype == torch.uint8 and packed.shape == (500, math.ceil(sum(layout.widths) / 8))
+    assert packed.dtype == torch.uint8 and packed.shape == (500, math.ceil(9 * index_bits / 8)) == (500, layout.index_bytes)
     assert torch.equal(unpack_fields(packed, layout).long(), values)
 
 
 def test_bit_stream_is_little_endian_and_dense():
-    layout = CodeLayout(groups=1, k=1, index_bits=11, coef_format="fp8")  # fields: 11-bit index, 8-bit coefficient
-    packed = pack_fields(torch.tensor([[0x5A3, 0xC7]]), layout)
-    assert packed.tolist() == [[0xA3, 0x3D, 0x06]]  # 0x5A3 | 0xC7 << 11 = 0x63DA3, little-endian, 19 bits → 3 bytes
+    layout = CodeLayout(groups=1, k=2, index_bits=11, coef_format="fp8")  # two 11-bit index fields
+    packed = pack_fields(torch.tensor([[0x5A3, 0x0C7]]), layout)
+    assert packed.tolist() == [[0xA3, 0x3D, 0x06]]  # 0x5A3 | 0xC7 << 11 = 0x63DA3, little-endian, 22 bits → 3 bytes
+    idx, coef = torch.tensor([[[0x5A3, 0x0C7]]]), torch.tensor([[[1.5, -3.0]]])
+    assert pack_codes(idx, coef, layout).tolist() == [[0xA3, 0x3D, 0x06, 0x3C, 0xC4]]  # + E4M3 bytes of 1.5, -3
 
 
 @pytest.mark.parametrize("coef_format", COEF_FORMATS)
