@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from csr_runtime import defaults
 from csr_runtime.code_layout import row_index_bits
 from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
     unpack_codes
@@ -54,14 +55,14 @@ class CSRSettings:
     sparsity_values: list[int]  # per layer, per chunk
     s_n_values: int
     method: Method = "mp"
-    online_atoms: int = 256  # per layer, kind and batch row
+    online_atoms: int = defaults.ONLINE_ATOMS  # per layer, kind and batch row
     online_sampling: Sampling = "reverse"
-    guard_atoms: int = 256
-    guard_threshold: float = 0.3  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
-    window: int = 0  # newest tokens kept in full precision
-    sink_tokens: int = 0  # first tokens of each row kept in full precision (attention sinks)
-    index_bits: int | None = None  # None: ⌈log2(atoms a row can address)⌉; 16 with fp16 is the paper's layout
-    coef_format: CoefFormat = "fp8"
+    guard_atoms: int = defaults.GUARD_ATOMS
+    guard_threshold: float = defaults.GUARD_THRESHOLD  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
+    window: int = defaults.WINDOW  # newest tokens kept in full precision
+    sink_tokens: int = defaults.SINK_TOKENS  # first tokens of each row kept in full precision (attention sinks)
+    index_bits: int | None = defaults.INDEX_BITS  # None: ⌈log2(atoms a row can address)⌉; 16 with fp16 is the paper's layout
+    coef_format: CoefFormat = defaults.COEF_FORMAT
     seed: int = 0
 
     def row_capacity(self, n_offline: int) -> int:
@@ -422,14 +423,14 @@ class CSRCache(Cache):
         sparsity_keys: int | list[int] | None = None,
         sparsity_values: int | list[int] | None = None,
         method: Method = "mp",
-        online_atoms: int = 256,
+        online_atoms: int = defaults.ONLINE_ATOMS,
         online_sampling: Sampling = "reverse",
-        guard_atoms: int = 256,
-        guard_threshold: float = 0.3,
-        window: int = 0,
-        sink_tokens: int = 0,
-        index_bits: int | None = None,
-        coef_format: CoefFormat = "fp8",
+        guard_atoms: int = defaults.GUARD_ATOMS,
+        guard_threshold: float = defaults.GUARD_THRESHOLD,
+        window: int = defaults.WINDOW,
+        sink_tokens: int = defaults.SINK_TOKENS,
+        index_bits: int | None = defaults.INDEX_BITS,
+        coef_format: CoefFormat = defaults.COEF_FORMAT,
         coded_layers: list[int] | None = None,
         model_id: str = "model",
     ):

@@ -33,7 +33,7 @@ def make_cache(method: dict, lm, dictionary):
 
     "quanto" is transformers' own `QuantizedCache` with the optimum-quanto backend (options: nbits 2|4,
     q_group_size, residual_length, axis_key, axis_value), the library baseline next to our KIVI."""
-    options = {k: v for k, v in method.items() if k not in ("name", "type")}
+    options = {k: v for k, v in method.items() if k not in ("name", "type", "dictionary")}
     kind = method["type"]
     if kind == "fp":
         return DynamicCache()
@@ -43,8 +43,8 @@ def make_cache(method: dict, lm, dictionary):
         from transformers import QuantizedCache
 
         return QuantizedCache(backend="quanto", config=lm.config, **options)
-    if kind == "csr":
-        return CSRCache(lm, dictionary, **options)
+    if kind == "csr":  # a method may name its own dictionary file (ablations of dictionaries in one run)
+        return CSRCache(lm, method.get("dictionary") or dictionary, **options)
     raise ValueError(f"method type must be one of ['fp', 'kivi', 'quanto', 'csr'], got {kind!r} in {method}")
 
 
@@ -115,7 +115,8 @@ def evaluate(
         dictionary: the dictionary file for CSR methods (from `lightning fit`); required if any method is CSR.
         corpus: text source.
         split: "test" for reported numbers; "validation" to choose settings (never tune on the test split).
-        methods: list of {name, type: fp|kivi|csr, ...cache options}; the first fp method is the reference.
+        methods: list of {name, type: fp|kivi|quanto|csr, ...cache options}; the first fp method is the reference.
+            A csr method may name its own `dictionary` file.
         context_lengths: sequence lengths L scored.
         sequences_per_length: held-out sequences per length.
         prefix_fraction: P = prefix_fraction · L tokens are prefilled, the rest scored.
@@ -135,7 +136,7 @@ def evaluate(
         raise ValueError("the first method must be the full-precision reference, e.g. {name: fp32, type: fp}")
     lm, tokenizer = load_model(model)
     dict_file = None
-    if any(m["type"] == "csr" for m in methods):
+    if any(m["type"] == "csr" and not m.get("dictionary") for m in methods):
         if dictionary is None:
             raise ValueError("CSR methods need a dictionary file: pass --dictionary runs/llama/.../dictionary.safetensors")
         dict_file = load_dictionary(dictionary, model=model_fingerprint(lm, model))

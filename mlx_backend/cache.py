@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import create_attention_mask
 
+from csr_runtime import defaults
 from csr_runtime.code_layout import COEF_FORMATS, row_index_bits
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from mlx_backend.metric import apply as whiten_heads
@@ -35,13 +36,13 @@ class CSRSettings:
     sparsity_values: list[int]  # per layer, per chunk
     s_n_values: int
     method: str = "mp"
-    online_atoms: int = 256
-    guard_atoms: int = 256
-    guard_threshold: float = 0.3
-    window: int = 0
-    sink_tokens: int = 0  # first tokens kept in full precision (attention sinks)
-    index_bits: int | None = None  # None: ⌈log2(atoms a row can address)⌉
-    coef_format: str = "fp8"
+    online_atoms: int = defaults.ONLINE_ATOMS
+    guard_atoms: int = defaults.GUARD_ATOMS
+    guard_threshold: float = defaults.GUARD_THRESHOLD
+    window: int = defaults.WINDOW
+    sink_tokens: int = defaults.SINK_TOKENS  # first tokens kept in full precision (attention sinks)
+    index_bits: int | None = defaults.INDEX_BITS  # None: ⌈log2(atoms a row can address)⌉
+    coef_format: str = defaults.COEF_FORMAT
 
 
 @dataclass
@@ -274,13 +275,13 @@ def make_csr_cache(
     sparsity_keys: int | list[int] | None = None,
     sparsity_values: int | list[int] | None = None,
     method: str = "mp",
-    online_atoms: int = 256,
-    guard_atoms: int = 256,
-    guard_threshold: float = 0.3,
-    window: int = 0,
-    sink_tokens: int = 0,
-    index_bits: int | None = None,
-    coef_format: str = "fp8",
+    online_atoms: int = defaults.ONLINE_ATOMS,
+    guard_atoms: int = defaults.GUARD_ATOMS,
+    guard_threshold: float = defaults.GUARD_THRESHOLD,
+    window: int = defaults.WINDOW,
+    sink_tokens: int = defaults.SINK_TOKENS,
+    index_bits: int | None = defaults.INDEX_BITS,
+    coef_format: str = defaults.COEF_FORMAT,
     model_id: str = "model",
 ) -> list[CSRKVCache]:
     """A `prompt_cache` (one CSRKVCache per layer) for an mlx-lm Llama-family model; same options as CSRCache."""

@@ -59,7 +59,8 @@ def test_generate_with_csr_cache_matches_dynamic_cache_when_exact():
     ids = torch.randint(1, 128, (1, 10), generator=torch.Generator().manual_seed(1))
     expected = lm.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
     got = lm.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0,
-                      past_key_values=CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, **PACKED_FP16))
+                      past_key_values=CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, sink_tokens=0,
+                                               **PACKED_FP16))
     assert torch.equal(got, expected)
 
 
@@ -87,7 +88,7 @@ def test_memory_bytes_counts_every_held_tensor_and_matches_the_packed_formula(co
 
 def test_bits_per_channel_of_codes_alone_is_32_s_sn_over_dh():
     lm = tiny_llama(n_layers=2, kv_heads=2)
-    cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, **PAPER_LAYOUT)  # CSR-4
+    cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0, **PAPER_LAYOUT)
     assert (cache.settings.sparsity_keys, cache.settings.sparsity_values) == ([4, 4], [2, 2])
     with torch.no_grad():
         lm(torch.randint(0, 128, (1, 300)), past_key_values=cache)
@@ -100,7 +101,9 @@ def test_left_padded_batch_matches_unpadded_single_runs():
     g = torch.Generator().manual_seed(2)
     long, short = torch.randint(1, 128, (1, 14), generator=g), torch.randint(1, 128, (1, 9), generator=g)
     # 40 online atoms > the short prompt's 9 tokens × 2 heads: padding would be sampled if it were not excluded
-    settings = dict(sparsity_keys=3, sparsity_values=2, online_atoms=40, guard_atoms=4, guard_threshold=0.2)
+    # sink_tokens=0: in a padded batch the exact first slots cover the longest padding, so shorter-padded rows
+    # would keep a few more tokens exact than they do alone
+    settings = dict(sparsity_keys=3, sparsity_values=2, online_atoms=40, guard_atoms=4, guard_threshold=0.2, sink_tokens=0)
     ids = torch.cat([long, torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1)])
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
@@ -186,7 +189,7 @@ def test_packed_codes_take_fewer_bytes_than_the_papers_layout_and_stay_close():
     with torch.no_grad():
         lm(ids, past_key_values=exact)
     for name, layout in (("paper", PAPER_LAYOUT), ("fp8", {}), ("int8", {"coef_format": "int8"})):
-        cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, **layout)
+        cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0, **layout)
         with torch.no_grad():
             lm(ids, past_key_values=cache)
         sizes[name] = cache.memory_bytes() - 2 * 8  # n_pad aside
@@ -227,7 +230,8 @@ def test_generate_with_csr_cache_on_real_smollm2(smollm2, smollm2_kmeans_diction
 def test_layers_left_out_of_coded_layers_stay_exact_and_are_counted():
     lm = tiny_llama(n_layers=3, kv_heads=2)
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(3))
-    cache = CSRCache(lm, random_dictionary(lm, n_layers=3), sparsity=4, online_atoms=0, guard_atoms=0, coded_layers=[1])
+    cache = CSRCache(lm, random_dictionary(lm, n_layers=3), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0,
+                     coded_layers=[1])
     reference = DynamicCache()
     with torch.no_grad():
         lm(ids, past_key_values=cache)
@@ -255,7 +259,7 @@ def test_crop_matches_dynamic_cache(remove):
         cache.crop(-remove)
         reference.crop(-remove)
         assert cache.get_seq_length() == reference.get_seq_length() == 20 - remove
-        assert cache.layers[0].n_coded == min(16, 20 - remove)
+        assert cache.layers[0].n_coded == min(16, 20 - remove) - 4  # the 4 sink tokens stay exact
         tail = ids[:, 20 - remove : 24 - remove]  # the next tokens after the cropped sequence
         torch.testing.assert_close(lm(tail, past_key_values=cache).logits, lm(tail, past_key_values=reference).logits,
                                    atol=2e-3, rtol=0)
