@@ -37,7 +37,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from csr_runtime import defaults
 from csr_runtime.code_layout import row_index_bits
-from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
+from csr_runtime.allocation import resolve_sparsity
+from csr_runtime.code_packing import COEF_BITS, COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
     unpack_codes
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_runtime.metric import apply as whiten_heads
@@ -409,8 +410,10 @@ class CSRCache(Cache):
 
     `sparsity=s` follows the paper's naming: keys with s atoms, values with s / s_n atoms per chunk, s_n
     being the value dictionary's (the paper's 2; 1 for the embedded default), so both cost 32·s/d_h bits
-    per channel. Or give `sparsity_keys` / `sparsity_values` directly (one int, or one per layer). With none
-    of them, the dictionary file's allocation (`neuraldict allocate`) is used if it has one.
+    per channel. Or give `sparsity_keys` / `sparsity_values` directly (one int, or one per layer), or a budget
+    `code_bits_per_channel` for the codes, which the cache spends layer by layer where the file's measured
+    error curves say atoms help most (`csr_runtime/allocation.py`). With none of them, the file's stored
+    allocation (`neuraldict allocate`) if it has one, else the sparsities it was trained at.
     `coded_layers` limits coding to some layers; the others keep full-precision K/V (counted too).
     """
 
@@ -422,6 +425,8 @@ class CSRCache(Cache):
         sparsity: int | None = None,
         sparsity_keys: int | list[int] | None = None,
         sparsity_values: int | list[int] | None = None,
+        code_bits_per_channel: float | None = None,
+        key_weight: float = defaults.KEY_WEIGHT,
         method: Method = "mp",
         online_atoms: int = defaults.ONLINE_ATOMS,
         online_sampling: Sampling = "reverse",
@@ -445,7 +450,6 @@ class CSRCache(Cache):
         if dictionary.keys.s_n != 1:
             raise ValueError(f"key dictionaries with s_n = {dictionary.keys.s_n} are not supported by CSRCache; use s_n = 1")
         s_n_v = dictionary.values.s_n
-        sparsity_keys, sparsity_values = dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
         if coef_format not in COEF_FORMATS:
             raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
         if index_bits is not None and not 1 <= index_bits <= 16:
@@ -456,6 +460,11 @@ class CSRCache(Cache):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if online_sampling not in ("reverse", "uniform"):
             raise ValueError(f"online_sampling has to be 'reverse' or 'uniform', got {online_sampling!r}")
+        atom_bits = {kind: row_index_bits(index_bits, max(a.shape[0] for a in dictionary.kind(kind).atoms), online_atoms,
+                                          guard_atoms) + COEF_BITS[coef_format] for kind in ("keys", "values")}
+        sparsity_keys, sparsity_values = resolve_sparsity(
+            dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
+            code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, atom_bits=atom_bits)
         self.settings = CSRSettings(
             sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=s_n_v, method=method,
             online_atoms=online_atoms, online_sampling=online_sampling, guard_atoms=guard_atoms,

@@ -75,6 +75,7 @@ class KindDictionaries:
     atoms: list[np.ndarray]
     metric: str = "l2"  # "attention": atoms live in the whitened space A x
     allocation: list[int] | None = None  # v2: atoms per chunk for each layer, chosen under a bit budget
+    error_curve: np.ndarray | None = None  # v2: (n_layers, k_max + 1) mean squared error after k atoms per chunk
     whiten: np.ndarray | None = None  # (n_layers, n_kv_heads, d_h, d_h) A, with metric "attention"
     unwhiten: np.ndarray | None = None  # A⁻¹
 
@@ -143,6 +144,8 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
         d = dictionary.kind(kind)
         for g, atoms in enumerate(d.atoms):
             tensors[f"{kind}/group_{g}"] = np.ascontiguousarray(atoms, dtype=np.float32)
+        if d.error_curve is not None:
+            tensors[f"{kind}/error_curve"] = np.ascontiguousarray(d.error_curve, dtype=np.float32)
         if d.whiten is not None:
             tensors[f"{kind}/whiten"] = np.ascontiguousarray(d.whiten, dtype=np.float32)
             tensors[f"{kind}/unwhiten"] = np.ascontiguousarray(d.unwhiten, dtype=np.float32)
@@ -209,6 +212,7 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
             atoms=atoms,
             metric=k.get("metric", "l2"),
             allocation=k.get("allocation"),
+            error_curve=tensors.get(f"{kind}/error_curve"),
             whiten=tensors.get(f"{kind}/whiten"),
             unwhiten=tensors.get(f"{kind}/unwhiten"),
         )
@@ -250,6 +254,11 @@ def _validate(d: DictionaryFile, *, source: str) -> None:
                                          or not all(isinstance(a, int) and a >= 1 for a in k.allocation)):
             raise ValueError(f"{source}: {kind}.allocation must hold {d.model.n_layers} positive ints (atoms per chunk, "
                              f"one per layer), got {k.allocation!r}")
+        curve = k.error_curve
+        if curve is not None and (curve.ndim != 2 or curve.shape[0] != d.model.n_layers or curve.shape[1] < 2
+                                  or not np.isfinite(curve).all() or (curve < 0).any()):
+            raise ValueError(f"{source}: {kind}/error_curve must be finite, non-negative, of shape (n_layers, k_max + 1) "
+                             f"= ({d.model.n_layers}, ≥ 2); got {tuple(curve.shape)}")
         if k.metric not in METRICS:
             raise ValueError(f"{source}: {kind}.metric = {k.metric!r}; supported: {list(METRICS)}")
         whitened = k.metric == "attention"

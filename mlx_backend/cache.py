@@ -22,7 +22,8 @@ import numpy as np
 from mlx_lm.models.cache import create_attention_mask
 
 from csr_runtime import defaults
-from csr_runtime.code_layout import COEF_FORMATS, row_index_bits
+from csr_runtime.allocation import resolve_sparsity
+from csr_runtime.code_layout import COEF_BITS, COEF_FORMATS, row_index_bits
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from mlx_backend.metric import apply as whiten_heads
 from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
@@ -274,6 +275,8 @@ def make_csr_cache(
     sparsity: int | None = None,
     sparsity_keys: int | list[int] | None = None,
     sparsity_values: int | list[int] | None = None,
+    code_bits_per_channel: float | None = None,
+    key_weight: float = defaults.KEY_WEIGHT,
     method: str = "mp",
     online_atoms: int = defaults.ONLINE_ATOMS,
     guard_atoms: int = defaults.GUARD_ATOMS,
@@ -290,15 +293,19 @@ def make_csr_cache(
         dictionary = load_dictionary(dictionary, model=fingerprint)
     else:
         dictionary.check_model(fingerprint)
-    sparsity_keys, sparsity_values = dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
+    if coef_format not in COEF_FORMATS:
+        raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
+    atom_bits = {kind: row_index_bits(index_bits, max(a.shape[0] for a in dictionary.kind(kind).atoms), online_atoms,
+                                      guard_atoms) + COEF_BITS[coef_format] for kind in ("keys", "values")}
+    sparsity_keys, sparsity_values = resolve_sparsity(
+        dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
+        code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, atom_bits=atom_bits)
     settings = CSRSettings(
         sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=dictionary.values.s_n, method=method,
         online_atoms=online_atoms, guard_atoms=guard_atoms,
         guard_threshold=guard_threshold, window=window, sink_tokens=sink_tokens, index_bits=index_bits,
         coef_format=coef_format,
     )
-    if coef_format not in COEF_FORMATS:
-        raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
     whitening = lambda l: {kind: (d.whiten[l], d.unwhiten[l])
                            for kind, d in (("keys", dictionary.keys), ("values", dictionary.values)) if d.whiten is not None}
     return [CSRKVCache(l, dictionary.keys.for_layer(l), dictionary.values.for_layer(l), layer.self_attn.rope, settings,

@@ -16,6 +16,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
+from csr_runtime import defaults
 from mlx_backend.cache import cache_nbytes, make_csr_cache
 from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
 
@@ -58,8 +59,9 @@ def main(argv=None) -> None:
     p.add_argument("--prefix-fraction", type=float, default=0.5)
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--sparsity", type=int, nargs="+", default=[8, 4, 2])
-    p.add_argument("--online-atoms", type=int, default=64)
-    p.add_argument("--guard-atoms", type=int, default=64)
+    p.add_argument("--online-atoms", type=int, default=defaults.ONLINE_ATOMS)
+    p.add_argument("--guard-atoms", type=int, default=defaults.GUARD_ATOMS)
+    p.add_argument("--sink-tokens", type=int, default=defaults.SINK_TOKENS)
     args = p.parse_args(argv)
     model, tokenizer = load(str(mlx_model_dir(args.model)))
     n_layers = len(model.layers)
@@ -67,7 +69,8 @@ def main(argv=None) -> None:
                "QuantizedKVCache 4-bit": lambda: [QuantizedKVCache(group_size=64, bits=4) for _ in range(n_layers)]}
     for s in args.sparsity:
         methods[f"CSR-{s}"] = lambda s=s: make_csr_cache(model, args.dictionary, sparsity=s, online_atoms=args.online_atoms,
-                                                         guard_atoms=args.guard_atoms, model_id=args.model)
+                                                         guard_atoms=args.guard_atoms, sink_tokens=args.sink_tokens,
+                                                         model_id=args.model)
     windows = held_out_windows(tokenizer, args.corpus, args.context_length, args.sequences)
     prefix = int(args.context_length * args.prefix_fraction)
     print(f"| method | perplexity | cache KiB | seconds |\n|---|---|---|---|")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from csr_runtime import defaults
 from mlx_backend.cache import cache_nbytes, make_csr_cache
 from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
 
@@ -19,10 +20,13 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dictionary", required=True, help="dictionary file from `lightning fit`")
     p.add_argument("--prompt", default="The three most important ideas of the Python language are")
     p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--sparsity", type=int, default=4, help="CSR-s: keys s atoms, values s/2 per chunk")
-    p.add_argument("--online-atoms", type=int, default=64)
-    p.add_argument("--guard-atoms", type=int, default=64)
-    p.add_argument("--window", type=int, default=0)
+    p.add_argument("--sparsity", type=int, default=None,
+                   help="CSR-s: keys s atoms, values s / s_n per chunk (default: the dictionary file's allocation or sparsity)")
+    p.add_argument("--online-atoms", type=int, default=defaults.ONLINE_ATOMS)
+    p.add_argument("--guard-atoms", type=int, default=defaults.GUARD_ATOMS)
+    p.add_argument("--window", type=int, default=defaults.WINDOW)
+    p.add_argument("--sink-tokens", type=int, default=defaults.SINK_TOKENS)
+    p.add_argument("--coef-format", default=defaults.COEF_FORMAT, choices=["fp8", "int8", "fp16"])
     return p
 
 
@@ -44,12 +48,13 @@ def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     model, tokenizer = load(str(mlx_model_dir(args.model)))
     csr = make_csr_cache(model, args.dictionary, sparsity=args.sparsity, online_atoms=args.online_atoms,
-                         guard_atoms=args.guard_atoms, window=args.window, model_id=args.model)
+                         guard_atoms=args.guard_atoms, window=args.window, sink_tokens=args.sink_tokens,
+                         coef_format=args.coef_format, model_id=args.model)
     text, tps, seconds, n = run(model, tokenizer, args.prompt, csr, args.max_tokens)
     plain = make_prompt_cache(model)
     plain_text, plain_tps, _, _ = run(model, tokenizer, args.prompt, plain, args.max_tokens)
     print(f"{args.prompt}{text}\n")
-    print(f"CSR-{args.sparsity}: {tps:.1f} tokens/s, cache {cache_nbytes(csr) / 2**10:.1f} KiB "
+    print(f"CSR-{args.sparsity or 'file'}: {tps:.1f} tokens/s, cache {cache_nbytes(csr) / 2**10:.1f} KiB "
           f"| KVCache: {plain_tps:.1f} tokens/s, cache {sum(c.nbytes for c in plain) / 2**10:.1f} KiB")
     print(f"KVCache text: {args.prompt}{plain_text}")
 

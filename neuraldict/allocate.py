@@ -1,4 +1,4 @@
-"""Bits where attention feels them: atoms per layer and kind under a total budget in bits per channel.
+"""Bits where attention feels them: measure each layer's error curves, and allocate a budget with them.
 
 For every layer λ and kind (keys, values), MP codes held-out (validation) vectors with the layer's
 offline dictionary — in the space the dictionary lives in, so with an attention-metric file the
@@ -13,6 +13,9 @@ error (logit² units with the attention metric) and the value error (output² un
 validation split with `csr-eval --split validation`.
 
     neuraldict allocate --dictionary runs/.../dictionary.safetensors --bits_per_channel 1.0
+
+The curves go into the file too, so a runtime can allocate any other budget itself
+(`CSRCache(..., code_bits_per_channel=b)`); `lightning fit` stores them in every file it exports.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from csr_runtime.allocation import greedy_allocation
 from csr_runtime.code_layout import COEF_BITS, index_bits_for
 from csr_runtime.dictionary_file import KINDS, DictionaryFile, load_dictionary, save_dictionary
 from csr_runtime.sparse_coding import sparse_encode, split_chunks
@@ -57,39 +61,6 @@ def error_curves(dictionary: DictionaryFile, vectors, *, max_sparsity: int, max_
     return curves
 
 
-def greedy_allocation(curves: dict, atom_bits: dict, *, bits_per_channel: float, n_kv_heads: int, head_dim: int,
-                      s_n: dict, key_weight: float = 1.0) -> dict[str, list[int]]:
-    """Atoms per chunk {kind: [k_λ]} with Σ code bits ≤ the budget (codes only; byte padding aside).
-
-    atom_bits[kind]: bits of one (index, coefficient) pair; one more atom per chunk costs
-    n_kv_heads · s_n · atom_bits bits a token."""
-    n_layers = next(iter(curves.values())).shape[0]
-    budget = bits_per_channel * n_layers * 2 * n_kv_heads * head_dim  # bits a token, every layer, K and V
-    cost = {kind: n_kv_heads * s_n[kind] * atom_bits[kind] for kind in KINDS}
-    minimum = n_layers * sum(cost.values())
-    if budget < minimum:
-        raise ValueError(f"a budget of {bits_per_channel} bits per channel cannot give every layer one atom per chunk: "
-                         f"that takes {minimum / (n_layers * 2 * n_kv_heads * head_dim):.3f} bits per channel at "
-                         f"{atom_bits} bits an atom")
-    weight = {"keys": key_weight, "values": 1.0}
-    k = {kind: [1] * n_layers for kind in KINDS}
-    spent = minimum
-    while True:
-        best, gain = None, 0.0
-        for kind in KINDS:
-            for layer in range(n_layers):
-                j = k[kind][layer]
-                if j + 1 >= curves[kind].shape[1] or spent + cost[kind] > budget:
-                    continue
-                g = weight[kind] * (curves[kind][layer, j] - curves[kind][layer, j + 1]) / cost[kind]
-                if g > gain:
-                    best, gain = (kind, layer), g
-        if best is None:
-            return k
-        k[best[0]][best[1]] += 1
-        spent += cost[best[0]]
-
-
 def allocate(
     dictionary: str,
     bits_per_channel: float = 1.0,
@@ -103,7 +74,7 @@ def allocate(
     tokens: int = 2048,
     model: str | None = None,
 ) -> Path:
-    """Write a copy of `dictionary` whose allocation spends `bits_per_channel` on codes where they help most.
+    """Write a copy of `dictionary` with its error curves and an allocation of `bits_per_channel` (codes only).
 
     Args:
         dictionary: the dictionary file (from `lightning fit`).
@@ -134,8 +105,9 @@ def allocate(
     provenance = {**d.provenance, "allocation": {"bits_per_channel": bits_per_channel, "key_weight": key_weight,
                                                  "online_atoms": online_atoms, "guard_atoms": guard_atoms,
                                                  "coef_format": coef_format, "corpus": corpus, "tokens": tokens}}
-    result = dataclasses.replace(d, keys=dataclasses.replace(d.keys, allocation=allocation["keys"]),
-                                 values=dataclasses.replace(d.values, allocation=allocation["values"]), provenance=provenance)
+    result = dataclasses.replace(
+        d, provenance=provenance,
+        **{kind: dataclasses.replace(d.kind(kind), allocation=allocation[kind], error_curve=curves[kind]) for kind in KINDS})
     output = Path(output) if output else Path(dictionary).with_name(f"{Path(dictionary).stem}-{bits_per_channel:g}bit.safetensors")
     save_dictionary(output, result)
     print(f"Allocation for {bits_per_channel:g} bits per channel (codes), atoms per chunk by layer:")

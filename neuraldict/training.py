@@ -88,6 +88,7 @@ class NeuralDict(L.LightningModule):
         kmeans_iterations: int = 10,
         kmeans_vectors: int = 16384,
         export_path: str | None = None,
+        allocation_max_sparsity: int = 12,
     ):
         """
         Args:
@@ -101,6 +102,8 @@ class NeuralDict(L.LightningModule):
             kmeans_iterations: iterations of the k-means initialisation.
             kmeans_vectors: training vectors (chunks) per dictionary used by the k-means initialisation.
             export_path: where the dictionary file goes (default: `dictionary.safetensors` in the run folder).
+            allocation_max_sparsity: the exported error curves run to this many atoms per chunk (the most a
+                budget allocation can give one layer).
         """
         super().__init__()
         for name, s in (("sparsity_keys", sparsity_keys), ("sparsity_values", sparsity_values)):
@@ -237,7 +240,15 @@ class NeuralDict(L.LightningModule):
         dm = self.trainer.datamodule
         provenance = {"trainer": "NeuralDict", "corpus": dm.hparams.corpus, "train_tokens": dm.hparams.train_tokens,
                       "global_step": self.global_step, "hparams": dict(self.hparams)}
-        return save_dictionary(path, structure_dictionary(atoms, self.structure, provenance, self.whitening))
+        dictionary = structure_dictionary(atoms, self.structure, provenance, self.whitening)
+        # the held-out error after k = 0…k_max atoms per layer: runtimes allocate any bit budget with it
+        from neuraldict.allocate import error_curves
+
+        validation = dm._collect("validation", dm.hparams.val_tokens)
+        curves = error_curves(dictionary, validation.vectors, max_sparsity=self.hparams.allocation_max_sparsity)
+        for kind in KINDS:
+            dictionary.kind(kind).error_curve = curves[kind]
+        return save_dictionary(path, dictionary)
 
     def _names(self) -> list[str]:
         return [f"{kind}/group_{g}" for kind in KINDS for g in range(max(self.structure[kind]["layer_to_group"]) + 1)]

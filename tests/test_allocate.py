@@ -6,7 +6,8 @@ import torch
 
 from csr_runtime.cache import CSRCache
 from csr_runtime.dictionary_file import load_dictionary, save_dictionary
-from neuraldict.allocate import error_curves, greedy_allocation
+from csr_runtime.allocation import greedy_allocation
+from neuraldict.allocate import error_curves
 from tests.conftest import tiny_llama
 from tests.test_cache import random_dictionary
 
@@ -73,3 +74,31 @@ def test_runtimes_use_the_files_allocation_by_default(tmp_path):
     d.keys.allocation = [1, 0]
     with pytest.raises(ValueError, match="keys.allocation must hold 2 positive ints"):
         save_dictionary(tmp_path / "bad.safetensors", d)
+
+
+def test_a_cache_spends_a_code_budget_with_the_files_error_curves(tmp_path):
+    from mlx_backend.cache import make_csr_cache
+    from tests.test_mlx import tiny_mlx_llama
+
+    lm = tiny_llama(n_layers=2, kv_heads=2)
+    d = random_dictionary(lm)
+    k = np.arange(13)
+    d.keys.error_curve = np.stack([1.0 / (1 + 0.1 * k), 1.0 / (1 + 1.0 * k)])
+    d.values.error_curve = np.stack([1.0 / (1 + 2.0 * k), 1.0 / (1 + 0.5 * k)])
+    path = save_dictionary(tmp_path / "d.safetensors", d)
+    cache = CSRCache(lm, path, code_bits_per_channel=2.0, online_atoms=0, guard_atoms=0, coef_format="fp8")
+    # 64 atoms: 6-bit indices + 8-bit fp8 = 14 bits a pair; a key atom costs 2 heads · 14 bits, a value atom 2 · 2 · 14
+    s = cache.settings
+    spent = sum(2 * 14 * k for k in s.sparsity_keys) + sum(2 * 2 * 14 * k for k in s.sparsity_values)
+    assert 2.0 * 2 * 2 * 2 * 16 - 2 * 2 * 14 < spent <= 2.0 * 2 * 2 * 2 * 16  # spent to the last affordable atom
+    assert min(s.sparsity_keys + s.sparsity_values) >= 1
+    assert cache.nominal_bits_per_channel() <= 2.0 + 8 * 2 / (2 * 2 * 16)  # + at most a padding byte per code
+    assert s.sparsity_keys[1] >= s.sparsity_keys[0]  # layer 1's keys gain more per atom
+    mlx_cache = make_csr_cache(tiny_mlx_llama(), str(path), code_bits_per_channel=2.0, online_atoms=0, guard_atoms=0)
+    assert mlx_cache[0].settings.sparsity_keys == s.sparsity_keys  # both runtimes allocate alike
+    with pytest.raises(ValueError, match="cannot give every layer one atom per chunk"):
+        CSRCache(lm, path, code_bits_per_channel=1.0)  # one atom everywhere takes 1.31 bits here
+    with pytest.raises(ValueError, match="no error curves"):
+        CSRCache(lm, random_dictionary(lm), code_bits_per_channel=1.0)
+    with pytest.raises(ValueError, match="not both"):
+        CSRCache(lm, path, code_bits_per_channel=2.0, sparsity=2)

@@ -1,0 +1,70 @@
+"""Atoms per layer and kind under a budget in bits per channel: the greedy allocation (pure numpy).
+
+Given, per kind, the mean squared coding error e_λ(k) of every layer λ after k = 0 … k_max atoms per
+chunk (measured at training time, in the space the dictionary lives in; stored in the dictionary file
+as `error_curve`), start from one atom everywhere and give the next atom to the (layer, kind) with the
+largest `w_kind · (e(k) − e(k + 1)) / bits of one more atom`, until the budget is spent. On convex
+curves this greedy choice is optimal. `key_weight` = w_keys / w_values is the exchange rate between
+the two kinds' errors (chosen on the validation split).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+KINDS = ("keys", "values")
+
+
+def greedy_allocation(curves: dict, atom_bits: dict, *, bits_per_channel: float, n_kv_heads: int, head_dim: int,
+                      s_n: dict, key_weight: float = 1.0) -> dict[str, list[int]]:
+    """Atoms per chunk {kind: [k_λ]} with Σ code bits ≤ the budget (codes only; byte padding aside).
+
+    atom_bits[kind]: bits of one (index, coefficient) pair; one more atom per chunk costs
+    n_kv_heads · s_n · atom_bits bits a token."""
+    n_layers = next(iter(curves.values())).shape[0]
+    budget = bits_per_channel * n_layers * 2 * n_kv_heads * head_dim  # bits a token, every layer, K and V
+    cost = {kind: n_kv_heads * s_n[kind] * atom_bits[kind] for kind in KINDS}
+    minimum = n_layers * sum(cost.values())
+    if budget < minimum:
+        raise ValueError(f"a budget of {bits_per_channel} bits per channel cannot give every layer one atom per chunk: "
+                         f"that takes {minimum / (n_layers * 2 * n_kv_heads * head_dim):.3f} bits per channel at "
+                         f"{atom_bits} bits an atom")
+    weight = {"keys": key_weight, "values": 1.0}
+    k = {kind: [1] * n_layers for kind in KINDS}
+    spent = minimum
+    while True:
+        best, gain = None, 0.0
+        for kind in KINDS:
+            for layer in range(n_layers):
+                j = k[kind][layer]
+                if j + 1 >= curves[kind].shape[1] or spent + cost[kind] > budget:
+                    continue
+                g = weight[kind] * (curves[kind][layer, j] - curves[kind][layer, j + 1]) / cost[kind]
+                if g > gain:
+                    best, gain = (kind, layer), g
+        if best is None:
+            return k
+        k[best[0]][best[1]] += 1
+        spent += cost[best[0]]
+
+
+def resolve_sparsity(dictionary, *, sparsity=None, sparsity_keys=None, sparsity_values=None,
+                     code_bits_per_channel: float | None = None, key_weight: float = 1.0,
+                     atom_bits: dict | None = None) -> tuple[list[int], list[int]]:
+    """Per layer (s for keys, s per value chunk), for both runtimes. In order of precedence:
+    `sparsity` (CSR-s) or `sparsity_keys` / `sparsity_values`; a budget `code_bits_per_channel`, spent by
+    `greedy_allocation` on the file's error curves (atom_bits: bits of one pair per kind, from the
+    runtime's layout); the file's stored allocation; the sparsities the dictionaries were trained at."""
+    if code_bits_per_channel is None:
+        return dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
+    if sparsity is not None or sparsity_keys is not None or sparsity_values is not None:
+        raise ValueError("give either a sparsity or code_bits_per_channel (a budget the cache allocates), not both")
+    curves = {kind: dictionary.kind(kind).error_curve for kind in KINDS}
+    if any(c is None for c in curves.values()):
+        raise ValueError("this dictionary file has no error curves to allocate a budget with: add them with "
+                         "`neuraldict allocate --dictionary <file>` (files from `lightning fit` carry them)")
+    m = dictionary.model
+    allocation = greedy_allocation(curves, atom_bits, bits_per_channel=code_bits_per_channel, n_kv_heads=m.n_kv_heads,
+                                   head_dim=m.head_dim, s_n={kind: dictionary.kind(kind).s_n for kind in KINDS},
+                                   key_weight=key_weight)
+    return allocation["keys"], allocation["values"]
