@@ -32,6 +32,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--dictionary", required=True)
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    p.add_argument("--methods", nargs="+", default=None, help="run only these methods (names as in the table)")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--sparsity", type=int, default=4, help="CSR-s (d_h = 64: 4 → 2 bits per channel)")
     p.add_argument("--output", default="benchmarks/results/decode_speed")
@@ -58,8 +59,12 @@ def main(argv=None) -> None:
     methods = {
         "DynamicCache (fp32)": lambda: DynamicCache(),
         "KIVI-2": lambda: KIVICache(lm.config.num_hidden_layers, bits=2),
-        f"CSR-{args.sparsity}": lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, online_atoms=64, guard_atoms=64),
+        f"CSR-{args.sparsity}, paper layout (int16 + fp16)": lambda: CSRCache(
+            lm, args.dictionary, sparsity=args.sparsity, index_bits=16, coef_format="fp16", sink_tokens=0),
+        f"CSR-{args.sparsity}, packed (defaults)": lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity),
     }
+    if args.methods:
+        methods = {name: make for name, make in methods.items() if name in args.methods or name.startswith("Dynamic")}
     rows = []
     for context in args.contexts:
         ids = stream[:, :context]

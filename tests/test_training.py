@@ -129,6 +129,8 @@ def test_fit_exports_a_loadable_dictionary_and_resumes(tiny_model_dir, other_tin
     dictionary = load_dictionary(path, model=model_fingerprint(lm, str(tiny_model_dir)))
     assert len(dictionary.keys.layer_to_group) == 3 and dictionary.values.s_n == 1  # configs/llama.yaml
     assert dictionary.keys.atoms[0].shape == (32, 16) and dictionary.values.atoms[0].shape == (32, 16)
+    curve = dictionary.values.error_curve  # held-out error after 0..12 atoms: what runtimes allocate budgets with
+    assert curve.shape == (3, 13) and (np.diff(curve, axis=1) <= 1e-6).all() and (curve[:, 12] < 0.5 * curve[:, 0]).all()
     assert (path.parent / "summary.csv").is_file() and (path.parent / "layer_divergence.png").is_file()
 
     # Export on demand from the last checkpoint gives the same atoms.
