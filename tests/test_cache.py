@@ -220,7 +220,7 @@ def test_generate_with_csr_cache_on_real_smollm2(smollm2, smollm2_kmeans_diction
               "Madrid is the capital of Spain. The capital of France is")
     ids = tokenizer(prompt, return_tensors="pt")
     cache = CSRCache(lm, smollm2_kmeans_dictionary, sparsity=8, online_atoms=0, guard_atoms=0,  # offline atoms only
-                     **PAPER_LAYOUT)
+                     sink_tokens=0, **PAPER_LAYOUT)
     out = lm.generate(**ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert cache.layers[0].n_coded == ids["input_ids"].shape[1] + 3  # every token but the last is held as codes
