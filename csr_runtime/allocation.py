@@ -10,8 +10,6 @@ the two kinds' errors (chosen on the validation split).
 
 from __future__ import annotations
 
-import numpy as np
-
 KINDS = ("keys", "values")
 
 
@@ -49,12 +47,13 @@ def greedy_allocation(curves: dict, atom_bits: dict, *, bits_per_channel: float,
 
 
 def resolve_sparsity(dictionary, *, sparsity=None, sparsity_keys=None, sparsity_values=None,
-                     code_bits_per_channel: float | None = None, key_weight: float = 1.0,
-                     atom_bits: dict | None = None) -> tuple[list[int], list[int]]:
+                     code_bits_per_channel: float | None = None, key_weight: float = 1.0, index_bits: int | None = None,
+                     online_atoms: int = 0, guard_atoms: int = 0, coef_format: str = "fp8") -> tuple[list[int], list[int]]:
     """Per layer (s for keys, s per value chunk), for both runtimes. In order of precedence:
     `sparsity` (CSR-s) or `sparsity_keys` / `sparsity_values`; a budget `code_bits_per_channel`, spent by
-    `greedy_allocation` on the file's error curves (atom_bits: bits of one pair per kind, from the
-    runtime's layout); the file's stored allocation; the sparsities the dictionaries were trained at."""
+    `greedy_allocation` on the file's error curves (an atom costs the runtime's index bits, from the row
+    dictionary's size, + its coefficient bits); the file's stored allocation; the sparsities the
+    dictionaries were trained at."""
     if code_bits_per_channel is None:
         return dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
     if sparsity is not None or sparsity_keys is not None or sparsity_values is not None:
@@ -63,6 +62,10 @@ def resolve_sparsity(dictionary, *, sparsity=None, sparsity_keys=None, sparsity_
     if any(c is None for c in curves.values()):
         raise ValueError("this dictionary file has no error curves to allocate a budget with: add them with "
                          "`neuraldict allocate --dictionary <file>` (files from `lightning fit` carry them)")
+    from csr_runtime.code_layout import COEF_BITS, row_index_bits
+
+    atom_bits = {kind: row_index_bits(index_bits, max(a.shape[0] for a in dictionary.kind(kind).atoms), online_atoms,
+                                      guard_atoms) + COEF_BITS[coef_format] for kind in KINDS}
     m = dictionary.model
     allocation = greedy_allocation(curves, atom_bits, bits_per_channel=code_bits_per_channel, n_kv_heads=m.n_kv_heads,
                                    head_dim=m.head_dim, s_n={kind: dictionary.kind(kind).s_n for kind in KINDS},

@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from csr_runtime import defaults
 from csr_runtime.code_layout import row_index_bits
 from csr_runtime.allocation import resolve_sparsity
-from csr_runtime.code_packing import COEF_BITS, COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
+from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
     unpack_codes
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_runtime.metric import apply as whiten_heads
@@ -460,11 +460,10 @@ class CSRCache(Cache):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if online_sampling not in ("reverse", "uniform"):
             raise ValueError(f"online_sampling has to be 'reverse' or 'uniform', got {online_sampling!r}")
-        atom_bits = {kind: row_index_bits(index_bits, max(a.shape[0] for a in dictionary.kind(kind).atoms), online_atoms,
-                                          guard_atoms) + COEF_BITS[coef_format] for kind in ("keys", "values")}
         sparsity_keys, sparsity_values = resolve_sparsity(
             dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
-            code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, atom_bits=atom_bits)
+            code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, index_bits=index_bits,
+            online_atoms=online_atoms, guard_atoms=guard_atoms, coef_format=coef_format)
         self.settings = CSRSettings(
             sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=s_n_v, method=method,
             online_atoms=online_atoms, online_sampling=online_sampling, guard_atoms=guard_atoms,

@@ -23,7 +23,7 @@ from mlx_lm.models.cache import create_attention_mask
 
 from csr_runtime import defaults
 from csr_runtime.allocation import resolve_sparsity
-from csr_runtime.code_layout import COEF_BITS, COEF_FORMATS, row_index_bits
+from csr_runtime.code_layout import COEF_FORMATS, row_index_bits
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from mlx_backend.metric import apply as whiten_heads
 from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
@@ -295,11 +295,10 @@ def make_csr_cache(
         dictionary.check_model(fingerprint)
     if coef_format not in COEF_FORMATS:
         raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
-    atom_bits = {kind: row_index_bits(index_bits, max(a.shape[0] for a in dictionary.kind(kind).atoms), online_atoms,
-                                      guard_atoms) + COEF_BITS[coef_format] for kind in ("keys", "values")}
     sparsity_keys, sparsity_values = resolve_sparsity(
         dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
-        code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, atom_bits=atom_bits)
+        code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, index_bits=index_bits,
+        online_atoms=online_atoms, guard_atoms=guard_atoms, coef_format=coef_format)
     settings = CSRSettings(
         sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=dictionary.values.s_n, method=method,
         online_atoms=online_atoms, guard_atoms=guard_atoms,
