@@ -170,7 +170,7 @@ class CSRLayer(CacheLayerMixin):
 
         The window loses its tokens first, then the codes, then the sinks; atoms already added stay."""
         seq = self.get_seq_length()
-        keep = seq + max_length if max_length < 0 else max_length
+        keep = seq + max_length if max_length <= 0 else max_length  # crop(0): nothing to remove (transformers 5)
         if not self.is_initialized or keep >= seq:
             return
         keep = max(keep, 0)
@@ -184,6 +184,49 @@ class CSRLayer(CacheLayerMixin):
             self.n_coded = coded_keep
         if keep < self._sink_len():
             self.sink_keys, self.sink_values = self.sink_keys[..., :keep, :].clone(), self.sink_values[..., :keep, :].clone()
+
+    def reset(self) -> None:
+        """Forget the sequence (codes, online and guard atoms, the fp8 scale): the layer is as new."""
+        self.keys = self.values = self.sink_keys = self.sink_values = self.n_pad = None
+        self.n_sink_slots = self.n_coded = 0
+        for store in self.stores.values():
+            store.extra, store.n_extra, store.n_online = None, [], []
+            store.layout, store.scale, store.codes = None, 1.0, None
+            store.rows.clear()
+        self.rope_memo.clear()
+        self.stats = dict.fromkeys(self.stats, 0)
+        self.is_initialized = False
+
+    # -- batch rows: beam search, assisted decoding, contrastive search ------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_rows(torch.arange(self.n_pad.shape[0]).repeat_interleave(repeats))
+
+    def _select_rows(self, rows) -> None:
+        """Row i of the cache becomes old row rows[i]: its window, sinks, codes and its own extra atoms."""
+        if not self.is_initialized:
+            return
+        rows = torch.as_tensor(rows, device=self.device)
+        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
+        pick = lambda t: t.index_select(0, rows)
+        self.keys, self.values = pick(self.keys), pick(self.values)
+        self.sink_keys, self.sink_values, self.n_pad = pick(self.sink_keys), pick(self.sink_values), pick(self.n_pad)
+        old = rows.tolist()
+        for store in self.stores.values():
+            if store.codes is not None:
+                store.codes = pick(store.codes)
+            if store.extra is not None:
+                store.extra = pick(store.extra)
+                store.n_extra = [store.n_extra[r] for r in old]
+                store.n_online = [store.n_online[r] for r in old]
+            store.rows.clear()
+        self.rope_memo.clear()
 
     def get_seq_length(self) -> int:
         return 0 if not self.is_initialized else self._sink_len() + self.n_coded + self.keys.shape[-2]

@@ -51,7 +51,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 class KIVILayer(CacheLayerMixin):
     is_sliding = False
-    is_croppable = False
+    is_croppable = True  # within the full-precision residual (assisted decoding); deeper crops raise
 
     def __init__(self, bits: int = 2, group_size: int = 32, residual_length: int = 128):
         super().__init__()
@@ -113,6 +113,44 @@ class KIVILayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return 0 if not self.is_initialized else self.n_quantized + self.keys.shape[-2]
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.quantized = {"keys": [], "values": []}
+        self.n_quantized = 0
+        self.is_initialized = False
+
+    def crop(self, max_length: int) -> None:
+        """Drop the newest tokens: `crop(-n)` removes n (transformers 5), `crop(L)` keeps the first L (4.x)."""
+        seq = self.get_seq_length()
+        keep = seq + max_length if max_length <= 0 else max_length  # crop(0): nothing to remove (transformers 5)
+        if not self.is_initialized or keep >= seq:
+            return
+        if keep < self.n_quantized:
+            raise NotImplementedError(
+                f"KIVI cannot crop to {keep} tokens: the first {self.n_quantized} are quantised in groups of "
+                f"{self.group_size}. Use a residual_length at least as long as the tokens rolled back "
+                f"(assisted decoding: num_assistant_tokens), or DynamicCache")
+        self.keys, self.values = self.keys[..., : keep - self.n_quantized, :], self.values[..., : keep - self.n_quantized, :]
+
+    # -- batch rows: beam search, assisted decoding, contrastive search ------------------------------
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_rows(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
+
+    def _select_rows(self, rows) -> None:
+        if not self.is_initialized:
+            return
+        rows = torch.as_tensor(rows, device=self.device)
+        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
+        self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
+        self.quantized = {kind: [t.index_select(0, rows) for t in parts] for kind, parts in self.quantized.items()}
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
