@@ -10,13 +10,10 @@ un-rotates them with the model's own rotary embedding, codes them, and rotates t
 again when the keys are read. With an attention-metric dictionary file (`metric.py`), vectors are
 whitened (A x) before coding and un-whitened (A⁻¹) after decoding.
 
-Per layer and per batch row the dictionary is
-
-    offline atoms (the dictionary file, shared by the layers of a merged group)
-  + online atoms  (head vectors of the prompt itself, normalised: "reverse" takes the most recent
-                   first, as the paper's reverse sequential sampling; "uniform" samples at random)
-  + guard atoms   (vectors whose relative MP residual stays above `guard_threshold`, stored as their
-                   own atom so they are reproduced almost exactly; prefill and decode alike)
+Per layer, kind and batch row the dictionary is a `Codebook` (`codebook.py`): offline atoms (the
+dictionary file) + online atoms (the prompt's own vectors) + guard atoms, which this cache chooses:
+vectors whose relative MP residual stays above `guard_threshold`, stored as their own atom so they are
+reproduced almost exactly (prefill and decode alike).
 
 The first `sink_tokens` tokens (attention sinks, as in StreamingLLM) and the newest `window` tokens
 can be kept in full precision. Left padding is recognised from `position_ids` (a row's real tokens
@@ -29,24 +26,20 @@ Where we depart from the paper: it leaves the guard rule open; ours is the resid
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Literal
-
+from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from csr_runtime import defaults
 from csr_runtime.code_layout import row_index_bits
 from csr_runtime.allocation import resolve_sparsity
+from csr_runtime.codebook import SAMPLINGS, Codebook, Sampling
 from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
     unpack_codes
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_runtime.metric import apply as whiten_heads
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
 from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
-
-Sampling = Literal["reverse", "uniform"]
-
 
 @dataclass
 class CSRSettings:
@@ -66,26 +59,17 @@ class CSRSettings:
     coef_format: CoefFormat = defaults.COEF_FORMAT
     seed: int = 0
 
-    def row_capacity(self, n_offline: int) -> int:
-        """Atoms a row's dictionary can address: offline + online + guard."""
-        return n_offline + max(self.online_atoms, 0) + max(self.guard_atoms, 0)
-
-
 
 @dataclass
 class _KindStore:
     """Codes and per-row extra atoms of one kind (keys or values) in one layer."""
 
-    offline: torch.Tensor  # (N_off, w) float32, shared with the other layers of the group
+    codebook: Codebook  # offline (shared with the other layers of the group) + each row's online and guard atoms
     whiten: torch.Tensor | None = None  # (H, d_h, d_h) A of the attention metric: atoms live in the space of A x
     unwhiten: torch.Tensor | None = None  # A⁻¹
-    extra: torch.Tensor | None = None  # (B, M, w) float16: online + guard atoms per row (zeros unused)
-    n_extra: list[int] = field(default_factory=list)  # used extra atoms per row
-    n_online: list[int] = field(default_factory=list)
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
     scale: float = 1.0  # fp8 coefficients: power-of-two scale, fixed at the first coded tokens
     codes: torch.Tensor | None = None  # (B, T, layout.nbytes) uint8
-    rows: dict = field(default_factory=dict)  # b → offline + extra atoms as one tensor; within one update only
 
     def quantizer(self):
         """What MP rounds each coefficient to (None: int8's per-vector scale is known only after coding)."""
@@ -109,10 +93,11 @@ class CSRLayer(CacheLayerMixin):
         self.last_layer = last_layer
         self.settings = settings
         self.rotary_emb = rotary_emb
-        self.stores = {"keys": _KindStore(key_atoms), "values": _KindStore(value_atoms)}
+        codebook = lambda atoms: Codebook(atoms, settings.online_atoms, settings.guard_atoms, settings.online_sampling)
+        self.stores = {"keys": _KindStore(codebook(key_atoms)), "values": _KindStore(codebook(value_atoms))}
         for kind, (A, A_inv) in (whitening or {}).items():  # kind → (A, A⁻¹), each (H, d_h, d_h)
             self.stores[kind].whiten, self.stores[kind].unwhiten = A, A_inv
-        self.index_bits = {kind: row_index_bits(settings.index_bits, store.offline.shape[0], settings.online_atoms,
+        self.index_bits = {kind: row_index_bits(settings.index_bits, store.codebook.offline.shape[0], settings.online_atoms,
                                                settings.guard_atoms) for kind, store in self.stores.items()}
         self.n_pad: torch.Tensor | None = None  # (B,) leading padding tokens per row
         self.sink_keys = self.sink_values = None  # (B, H, S, d_h) exact first tokens (keys after RoPE)
@@ -128,7 +113,7 @@ class CSRLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(B, H, 0, value_states.shape[-1])
         self.sink_keys, self.sink_values = self.keys.clone(), self.values.clone()
         for store in self.stores.values():
-            store.offline = store.offline.to(self.device)
+            store.codebook.to(self.device)
             if store.whiten is not None:
                 store.whiten, store.unwhiten = store.whiten.to(self.device), store.unwhiten.to(self.device)
         self.is_initialized = True
@@ -162,7 +147,7 @@ class CSRLayer(CacheLayerMixin):
             if overflow > max(to_sink, 0):
                 self._code(old_k[..., max(to_sink, 0):, :], old_v[..., max(to_sink, 0):, :], build_online=self.n_coded == 0)
         for store in self.stores.values():
-            store.rows.clear()  # hold nothing between steps that memory_bytes() does not count
+            store.codebook.forget_memo()  # hold nothing between steps that memory_bytes() does not count
         return keys_out, values_out
 
     def crop(self, max_length: int) -> None:
@@ -190,9 +175,8 @@ class CSRLayer(CacheLayerMixin):
         self.keys = self.values = self.sink_keys = self.sink_values = self.n_pad = None
         self.n_sink_slots = self.n_coded = 0
         for store in self.stores.values():
-            store.extra, store.n_extra, store.n_online = None, [], []
+            store.codebook.reset()
             store.layout, store.scale, store.codes = None, 1.0, None
-            store.rows.clear()
         self.rope_memo.clear()
         self.stats = dict.fromkeys(self.stats, 0)
         self.is_initialized = False
@@ -217,15 +201,10 @@ class CSRLayer(CacheLayerMixin):
         pick = lambda t: t.index_select(0, rows)
         self.keys, self.values = pick(self.keys), pick(self.values)
         self.sink_keys, self.sink_values, self.n_pad = pick(self.sink_keys), pick(self.sink_values), pick(self.n_pad)
-        old = rows.tolist()
         for store in self.stores.values():
             if store.codes is not None:
                 store.codes = pick(store.codes)
-            if store.extra is not None:
-                store.extra = pick(store.extra)
-                store.n_extra = [store.n_extra[r] for r in old]
-                store.n_online = [store.n_online[r] for r in old]
-            store.rows.clear()
+            store.codebook.select_rows(rows)
         self.rope_memo.clear()
 
     def get_seq_length(self) -> int:
@@ -274,6 +253,7 @@ class CSRLayer(CacheLayerMixin):
             if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
                 store.scale = fp8_scale(float(chunks.norm(dim=-1).max()))
+            store.codebook.start(B)
             if build_online:
                 self._add_online(store, chunks, real)
             idx, coef = self._encode_rows(store, chunks, k)  # (B, H, T, s_n·k)
@@ -291,57 +271,23 @@ class CSRLayer(CacheLayerMixin):
         shape = (self.n_coded, H, s_n, store.layout.k)
         return idx.view(shape).transpose(0, 1), coef.view(shape).transpose(0, 1)
 
-    def _row_dictionary(self, store: _KindStore, b: int) -> torch.Tensor:
-        if store.extra is None or store.n_extra[b] == 0:
-            return store.offline
-        if b not in store.rows:  # memo within one update (dropped when row b gains atoms, and after the update)
-            store.rows[b] = torch.cat([store.offline, store.extra[b, : store.n_extra[b]].float()])
-        return store.rows[b]
-
     def _encode_rows(self, store: _KindStore, chunks: torch.Tensor, k: int):
         B, H, T, s_n, w = chunks.shape
         idx, coef = [], []
         for b in range(B):
-            i, c = sparse_encode(chunks[b].reshape(-1, w), self._row_dictionary(store, b), s=k, method=self.settings.method,
+            i, c = sparse_encode(chunks[b].reshape(-1, w), store.codebook.row(b), s=k, method=self.settings.method,
                                  quantize=store.quantizer())
             idx.append(i.view(H, T, s_n * k))
             coef.append(c.view(H, T, s_n * k))
         return torch.stack(idx), torch.stack(coef)
 
-    def _append_atoms(self, store: _KindStore, b: int, atoms: torch.Tensor) -> int:
-        """Append unit-normalised atoms to row b's extra part, within what the index bits address. Returns how many."""
-        B = self.n_pad.shape[0]
-        if store.extra is None:
-            store.extra = torch.zeros(B, 0, store.offline.shape[1], dtype=torch.float16, device=self.device)
-            store.n_extra, store.n_online = [0] * B, [0] * B
-        room = self.settings.row_capacity(store.offline.shape[0]) - store.offline.shape[0] - store.n_extra[b]
-        take = min(len(atoms), max(room, 0))
-        self.stats["atoms_refused"] += len(atoms) - take
-        if take == 0:
-            return 0
-        need = store.n_extra[b] + take - store.extra.shape[1]
-        if need > 0:
-            store.extra = torch.cat([store.extra, store.extra.new_zeros(B, need, store.extra.shape[2])], dim=1)
-        unit = torch.nn.functional.normalize(atoms[:take].float(), dim=-1)
-        store.extra[b, store.n_extra[b] : store.n_extra[b] + take] = unit.to(torch.float16)
-        store.n_extra[b] += take
-        store.rows.pop(b, None)
-        return take
-
     def _add_online(self, store: _KindStore, chunks: torch.Tensor, real: torch.Tensor) -> None:
-        s = self.settings
-        if s.online_atoms <= 0:
+        if self.settings.online_atoms <= 0:
             return
-        g = torch.Generator().manual_seed(s.seed + self.layer_idx)
+        g = torch.Generator().manual_seed(self.settings.seed + self.layer_idx)
         for b in range(chunks.shape[0]):
             candidates = chunks[b][:, real[b]].transpose(0, 1).reshape(-1, chunks.shape[-1])  # (T_real·H·s_n, w), time-major
-            candidates = candidates[candidates.norm(dim=-1) > 0]
-            if s.online_sampling == "reverse":  # most recent first, going backwards
-                picked = candidates.flip(0)[: s.online_atoms]
-            else:
-                picked = candidates[torch.randperm(len(candidates), generator=g)[: s.online_atoms].to(candidates.device)]
-            self._append_atoms(store, b, picked)
-            store.n_online[b] = store.n_extra[b]
+            store.codebook.add_online(b, candidates, g)
 
     def _guard(self, store: _KindStore, chunks, real, idx, coef, k):
         """Vectors whose relative residual stays above the threshold become guard atoms and are re-coded."""
@@ -350,24 +296,24 @@ class CSRLayer(CacheLayerMixin):
             return idx, coef
         B, H, T, s_n, w = chunks.shape
         for b in range(B):
-            used_guard = store.n_extra[b] - store.n_online[b] if store.extra is not None else 0
-            room = s.guard_atoms - used_guard
+            room = store.codebook.guard_room(b)
             if room <= 0:
                 continue
             x = chunks[b].reshape(-1, w)
-            x_hat = sparse_decode(idx[b].reshape(-1, k), coef[b].reshape(-1, k), self._row_dictionary(store, b))
+            x_hat = sparse_decode(idx[b].reshape(-1, k), coef[b].reshape(-1, k), store.codebook.row(b))
             rel = ((x - x_hat) ** 2).sum(-1) / (x**2).sum(-1).clamp_min(1e-30)
             rel = rel.view(H, T, s_n).masked_fill(~real[b][None, :, None], 0).flatten()
             worst = rel.argsort(descending=True)[:room]
             worst = worst[rel[worst] > s.guard_threshold]
             if len(worst) == 0:
                 continue
-            added = self._append_atoms(store, b, x[worst])
+            added = store.codebook.add_guard(b, x[worst])
+            self.stats["atoms_refused"] += len(worst) - added
             if added == 0:
                 continue
             self.stats["guard_atoms"] += added
             recode = worst[:added]
-            i, c = sparse_encode(x[recode], self._row_dictionary(store, b), s=k, method=s.method, quantize=store.quantizer())
+            i, c = sparse_encode(x[recode], store.codebook.row(b), s=k, method=s.method, quantize=store.quantizer())
             idx_b, coef_b = idx[b].reshape(-1, k).clone(), coef[b].reshape(-1, k).clone()
             idx_b[recode], coef_b[recode] = i, c
             idx[b], coef[b] = idx_b.view(H, T, s_n * k), coef_b.view(H, T, s_n * k)
@@ -391,7 +337,7 @@ class CSRLayer(CacheLayerMixin):
             cos, sin = self._coded_cos_sin()
         for b in range(B):
             idx, coef = self._unpacked(store, b, H, s_n)
-            x = sparse_decode(idx, coef, self._row_dictionary(store, b)).view(H, n, d)
+            x = sparse_decode(idx, coef, store.codebook.row(b)).view(H, n, d)
             if store.unwhiten is not None:
                 x = whiten_heads(store.unwhiten, x[None])[0]
             if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
@@ -421,9 +367,9 @@ class CSRLayer(CacheLayerMixin):
         """Every tensor this layer holds for the sequence (offline atoms only if asked: they are shared)."""
         out = [t for t in (self.keys, self.values, self.sink_keys, self.sink_values, self.n_pad) if t is not None]
         for store in self.stores.values():
-            out += [t for t in (store.codes, store.extra) if t is not None]
+            out += [t for t in (store.codes,) if t is not None] + store.codebook.held_tensors()
             if include_offline:
-                out.append(store.offline)
+                out.append(store.codebook.offline)
         return out
 
 
@@ -501,8 +447,8 @@ class CSRCache(Cache):
                             ("guard_atoms", guard_atoms)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
-        if online_sampling not in ("reverse", "uniform"):
-            raise ValueError(f"online_sampling has to be 'reverse' or 'uniform', got {online_sampling!r}")
+        if online_sampling not in SAMPLINGS:
+            raise ValueError(f"online_sampling has to be one of {list(SAMPLINGS)}, got {online_sampling!r}")
         sparsity_keys, sparsity_values = resolve_sparsity(
             dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
             code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, index_bits=index_bits,

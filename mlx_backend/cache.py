@@ -5,8 +5,8 @@ One object per layer, following mlx-lm's cache protocol (`update_and_fetch`, `of
 Keys arrive rotated; they are un-rotated with the model's RoPE, coded before RoPE, bit-packed per
 token in the layout of `csr_runtime.code_layout` (the same bytes as the torch runtime), and rotated
 again when read. The first `sink_tokens` tokens stay exact. Per layer the dictionary is offline (file) +
-online (the prompt's own vectors, most recent first) + guard (vectors whose relative residual stays
-above a threshold); the newest `window` tokens stay in full precision. The call's own new K/V reach
+online (the prompt's own vectors) + guard (vectors whose relative residual stays above a threshold),
+a `Codebook` (`codebook.py`) per kind and row; the newest `window` tokens stay in full precision. The call's own new K/V reach
 the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
 Not supported here (use the PyTorch runtime): left-padded batches; nor saving
 prompt caches (mlx-lm's loader only rebuilds its own cache classes).
@@ -15,7 +15,7 @@ prompt caches (mlx-lm's loader only rebuilds its own cache classes).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -25,6 +25,7 @@ from csr_runtime import defaults
 from csr_runtime.allocation import resolve_sparsity
 from csr_runtime.code_layout import COEF_FORMATS, row_index_bits
 from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
+from mlx_backend.codebook import SAMPLINGS, Codebook
 from mlx_backend.metric import apply as whiten_heads
 from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
 from mlx_backend.rope import rotate, unrotate
@@ -38,6 +39,7 @@ class CSRSettings:
     s_n_values: int
     method: str = "mp"
     online_atoms: int = defaults.ONLINE_ATOMS
+    online_sampling: str = "reverse"
     guard_atoms: int = defaults.GUARD_ATOMS
     guard_threshold: float = defaults.GUARD_THRESHOLD
     window: int = defaults.WINDOW
@@ -48,11 +50,9 @@ class CSRSettings:
 
 @dataclass
 class _KindStore:
-    offline: mx.array  # (N_off, w) float32
+    codebook: Codebook  # offline (shared with the other layers of the group) + each row's online and guard atoms
     whiten: mx.array | None = None  # (H, d_h, d_h) A of the attention metric: atoms live in the space of A x
     unwhiten: mx.array | None = None  # A⁻¹
-    extra: list = field(default_factory=list)  # per row: (M_b, w) float16 online + guard atoms
-    n_online: list = field(default_factory=list)
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
     scale: float = 1.0  # fp8 coefficients: power-of-two scale, fixed at the first coded tokens
     codes: mx.array | None = None  # (B, T, layout.nbytes) uint8
@@ -65,10 +65,12 @@ class _KindStore:
 class CSRKVCache:
     def __init__(self, layer_idx: int, key_atoms, value_atoms, rope, settings: CSRSettings, whitening: dict | None = None):
         self.layer_idx, self.rope, self.settings = layer_idx, rope, settings
-        self.stores = {"keys": _KindStore(mx.array(key_atoms)), "values": _KindStore(mx.array(value_atoms))}
+        codebook = lambda atoms: Codebook(mx.array(atoms), settings.online_atoms, settings.guard_atoms,
+                                          settings.online_sampling)
+        self.stores = {"keys": _KindStore(codebook(key_atoms)), "values": _KindStore(codebook(value_atoms))}
         for kind, (A, A_inv) in (whitening or {}).items():  # kind → (A, A⁻¹), each (H, d_h, d_h)
             self.stores[kind].whiten, self.stores[kind].unwhiten = mx.array(A), mx.array(A_inv)
-        self.index_bits = {kind: row_index_bits(settings.index_bits, store.offline.shape[0], settings.online_atoms,
+        self.index_bits = {kind: row_index_bits(settings.index_bits, store.codebook.offline.shape[0], settings.online_atoms,
                                                 settings.guard_atoms) for kind, store in self.stores.items()}
         self.keys = self.values = None  # full-precision window, keys after RoPE
         self.sink_keys = self.sink_values = None  # exact first tokens (keys after RoPE)
@@ -102,6 +104,8 @@ class CSRKVCache:
                 self.sink_values = mx.concatenate([self.sink_values, old_v[:, :, :to_sink]], axis=2)
             if overflow > to_sink:
                 self._code(old_k[:, :, to_sink:], old_v[:, :, to_sink:], build_online=self.n_coded == 0)
+        for store in self.stores.values():
+            store.codebook.forget_memo()  # hold nothing between steps that nbytes does not count
         return keys_out, values_out
 
     def make_mask(self, *args, **kwargs):
@@ -138,7 +142,7 @@ class CSRKVCache:
     def _held_arrays(self) -> list[mx.array]:
         arrays = [a for a in (self.keys, self.values, self.sink_keys, self.sink_values) if a is not None]
         for store in self.stores.values():
-            arrays += [a for a in (store.codes,) if a is not None] + list(store.extra)
+            arrays += [a for a in (store.codes,) if a is not None] + store.codebook.held_tensors()
         return arrays
 
     @property
@@ -166,9 +170,7 @@ class CSRKVCache:
             if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
                 store.scale = fp8_scale(mx.max(mx.linalg.norm(chunks, axis=-1)).item())
-            if not store.extra:
-                store.extra = [mx.zeros((0, chunks.shape[-1]), dtype=mx.float16) for _ in range(B)]
-                store.n_online = [0] * B
+            store.codebook.start(B)
             if build_online:
                 self._add_online(store, chunks)
             packed = []
@@ -181,48 +183,34 @@ class CSRKVCache:
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
 
-    def _row_dictionary(self, store: _KindStore, b: int) -> mx.array:
-        extra = store.extra[b]
-        return store.offline if extra.shape[0] == 0 else mx.concatenate([store.offline, extra.astype(mx.float32)])
-
-    def _append_atoms(self, store: _KindStore, b: int, atoms: mx.array) -> int:
-        room = self.settings.online_atoms + self.settings.guard_atoms - store.extra[b].shape[0]
-        take = min(atoms.shape[0], max(room, 0))
-        self.stats["atoms_refused"] += atoms.shape[0] - take
-        if take:
-            unit = atoms[:take] / mx.linalg.norm(atoms[:take], axis=-1, keepdims=True)
-            store.extra[b] = mx.concatenate([store.extra[b], unit.astype(mx.float16)])
-        return take
-
     def _add_online(self, store: _KindStore, chunks: mx.array) -> None:
         if self.settings.online_atoms <= 0:
             return
+        g = np.random.default_rng(self.layer_idx)
         for b in range(chunks.shape[0]):
-            w = chunks.shape[-1]
-            candidates = np.array(chunks[b].transpose(1, 0, 2, 3).reshape(-1, w))  # time-major
-            candidates = candidates[np.linalg.norm(candidates, axis=-1) > 0][::-1]  # most recent first
-            self._append_atoms(store, b, mx.array(np.ascontiguousarray(candidates[: self.settings.online_atoms])))
-            store.n_online[b] = store.extra[b].shape[0]
+            candidates = chunks[b].transpose(1, 0, 2, 3).reshape(-1, chunks.shape[-1])  # (T·H·s_n, w), time-major
+            store.codebook.add_online(b, candidates, g)
 
     def _encode_row(self, store: _KindStore, b: int, chunks: mx.array, k: int):
         """chunks: (H, T, s_n, w) → idx (H, T, s_n·k), coef, with guard atoms added."""
         H, T, s_n, w = chunks.shape
         s = self.settings
         x = chunks.reshape(-1, w)
-        idx, coef = sparse_encode(x, self._row_dictionary(store, b), s=k, method=s.method, quantize=store.quantizer())
-        room = s.guard_atoms - (store.extra[b].shape[0] - store.n_online[b])
+        idx, coef = sparse_encode(x, store.codebook.row(b), s=k, method=s.method, quantize=store.quantizer())
+        room = store.codebook.guard_room(b)
         if room > 0:
-            x_hat = sparse_decode(idx, coef, self._row_dictionary(store, b))
+            x_hat = sparse_decode(idx, coef, store.codebook.row(b))
             rel = ((x - x_hat) ** 2).sum(-1) / mx.maximum((x**2).sum(-1), 1e-30)
             order = np.argsort(-np.array(rel), kind="stable")[:room]
             worst = order[np.array(rel)[order] > s.guard_threshold]
             if len(worst):
                 worst_mx = mx.array(worst)
-                added = self._append_atoms(store, b, x[worst_mx])
+                added = store.codebook.add_guard(b, x[worst_mx])
+                self.stats["atoms_refused"] += len(worst) - added
                 if added:
                     self.stats["guard_atoms"] += added
                     recode = worst_mx[:added]
-                    i, c = sparse_encode(x[recode], self._row_dictionary(store, b), s=k, method=s.method,
+                    i, c = sparse_encode(x[recode], store.codebook.row(b), s=k, method=s.method,
                                          quantize=store.quantizer())
                     idx[recode] = i
                     coef[recode] = c
@@ -240,7 +228,7 @@ class CSRKVCache:
         for b in range(B):
             idx, coef = unpack_codes(store.codes[b], store.layout, scale=store.scale)  # (T, H·s_n, k)
             per_head = lambda a: a.reshape(T, H, s_n, k).transpose(1, 0, 2, 3)
-            x = sparse_decode(per_head(idx), per_head(coef), self._row_dictionary(store, b)).reshape(H, T, -1)
+            x = sparse_decode(per_head(idx), per_head(coef), store.codebook.row(b)).reshape(H, T, -1)
             rows.append(x if store.unwhiten is None else whiten_heads(store.unwhiten, x[None])[0])
         return mx.stack(rows)
 
@@ -279,6 +267,7 @@ def make_csr_cache(
     key_weight: float = defaults.KEY_WEIGHT,
     method: str = "mp",
     online_atoms: int = defaults.ONLINE_ATOMS,
+    online_sampling: str = "reverse",
     guard_atoms: int = defaults.GUARD_ATOMS,
     guard_threshold: float = defaults.GUARD_THRESHOLD,
     window: int = defaults.WINDOW,
@@ -295,13 +284,15 @@ def make_csr_cache(
         dictionary.check_model(fingerprint)
     if coef_format not in COEF_FORMATS:
         raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
+    if online_sampling not in SAMPLINGS:
+        raise ValueError(f"online_sampling has to be one of {list(SAMPLINGS)}, got {online_sampling!r}")
     sparsity_keys, sparsity_values = resolve_sparsity(
         dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
         code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, index_bits=index_bits,
         online_atoms=online_atoms, guard_atoms=guard_atoms, coef_format=coef_format)
     settings = CSRSettings(
         sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=dictionary.values.s_n, method=method,
-        online_atoms=online_atoms, guard_atoms=guard_atoms,
+        online_atoms=online_atoms, online_sampling=online_sampling, guard_atoms=guard_atoms,
         guard_threshold=guard_threshold, window=window, sink_tokens=sink_tokens, index_bits=index_bits,
         coef_format=coef_format,
     )

@@ -154,7 +154,7 @@ def test_index_bits_address_offline_online_and_guard_atoms():
     with torch.no_grad():
         lm(torch.randint(0, 128, (1, 40)), past_key_values=cache)
     store = cache.layers[0].stores["keys"]
-    assert store.offline.shape[0] + store.n_extra[0] == 128 and cache.stats()["atoms_refused"] == 0
+    assert store.codebook.offline.shape[0] + store.codebook.n_extra[0] == store.codebook.capacity == 128
     idx, _ = cache.layers[0]._unpacked(store, 0, 2, 1)
     assert 100 <= int(idx.max()) < 128  # extra atoms are used and addressed
     with pytest.raises(ValueError, match="index_bits = 6 cannot address 128 atoms"):
