@@ -24,7 +24,7 @@ from csr_runtime.kivi import KIVICache
 from csr_runtime.sparse_coding import sparse_encode
 from neuraldict.collect import token_windows
 from neuraldict.corpus import load_corpus
-from neuraldict.models import load_model
+from neuraldict.models import load_model, with_cache
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -42,12 +42,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 @torch.no_grad()
 def time_decode(lm, ids, cache, steps: int):
     started = time.perf_counter()
-    out = lm(ids, past_key_values=cache)
+    out = lm(ids, **with_cache(lm, cache))
     prefill = time.perf_counter() - started
     token = out.logits[:, -1:].argmax(-1)
     started = time.perf_counter()
     for _ in range(steps):
-        token = lm(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+        token = lm(token, **with_cache(lm, cache)).logits[:, -1:].argmax(-1)
     return prefill, steps / (time.perf_counter() - started), cache_bytes(cache)
 
 

@@ -441,6 +441,8 @@ class CSRCache(Cache):
         s_n_v = dictionary.values.s_n
         if coef_format not in COEF_FORMATS:
             raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
+        if method not in ("mp", "omp"):
+            raise ValueError(f"method has to be 'mp' (matching pursuit) or 'omp' (orthogonal MP), got {method!r}")
         if index_bits is not None and not 1 <= index_bits <= 16:
             raise ValueError(f"index_bits has to be None (as many as the dictionary needs) or in 1..16, got {index_bits}")
         for name, value in (("window", window), ("sink_tokens", sink_tokens), ("online_atoms", online_atoms),

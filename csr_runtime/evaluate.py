@@ -24,6 +24,9 @@ from transformers import DynamicCache
 from csr_runtime.cache import CSRCache
 from csr_runtime.dictionary_file import load_dictionary
 from csr_runtime.kivi import KIVICache
+from neuraldict.collect import token_windows
+from neuraldict.corpus import load_corpus
+from neuraldict.models import load_model, model_fingerprint, with_cache
 
 _PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -68,10 +71,10 @@ def cache_bytes(cache) -> int:
 def chunked_log_probs(lm, ids: torch.Tensor, cache, *, prefix: int, chunk: int, memory_trace: list | None = None):
     """ids: (1, L) → log-probabilities (L − prefix, V) of tokens prefix..L−1, predicted from the cache."""
     L = ids.shape[1]
-    out = lm(ids[:, :prefix], past_key_values=cache)
+    out = lm(ids[:, :prefix], **with_cache(lm, cache))
     rows = [out.logits[0, -1:].float().log_softmax(-1)]
     for start in range(prefix, L - 1, chunk):
-        out = lm(ids[:, start : min(start + chunk, L - 1)], past_key_values=cache)
+        out = lm(ids[:, start : min(start + chunk, L - 1)], **with_cache(lm, cache))
         rows.append(out.logits[0].float().log_softmax(-1))
         if memory_trace is not None:
             memory_trace.append((cache.get_seq_length(), cache_bytes(cache)))
@@ -86,8 +89,8 @@ def passkey(lm, tokenizer, method: dict, dictionary, *, length: int, depth: floa
     text = ("There is important information hidden in a lot of irrelevant text. Find it and memorize it. "
             + _PASSKEY_FILLER * before + f"The pass key is {key}. Remember it. {key} is the pass key. "
             + _PASSKEY_FILLER * (n_filler - before) + "What is the pass key? The pass key is")
-    ids = tokenizer(text, return_tensors="pt")["input_ids"]
-    out = lm.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=make_cache(method, lm, dictionary),
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(lm.device)
+    out = lm.generate(ids, max_new_tokens=8, do_sample=False, **with_cache(lm, make_cache(method, lm, dictionary)),
                       pad_token_id=tokenizer.eos_token_id)
     return str(key) in tokenizer.decode(out[0, ids.shape[1]:])
 
@@ -107,6 +110,8 @@ def evaluate(
     generation_prompt: str = "The three most important ideas of the Python language are",
     generation_tokens: int = 40,
     output: str = "benchmarks/results/eval",
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> list[dict]:
     """Evaluate KV cache methods on the held-out (test) split; writes a table, CSV and plots.
 
@@ -126,15 +131,14 @@ def evaluate(
         generation_prompt: prompt of the greedy generation sample.
         generation_tokens: tokens generated for the sample.
         output: report folder (markdown, CSV, PNG).
+        device: where the model runs: "cpu", "cuda" or "cuda:N".
+        dtype: the model's dtype: "float32", "bfloat16" or "float16" (the caches code in float32 inside).
     """
-    from neuraldict.collect import token_windows
-    from neuraldict.corpus import load_corpus
-    from neuraldict.models import load_model, model_fingerprint
 
     methods = list(methods or DEFAULT_METHODS)
     if not methods or methods[0]["type"] != "fp":
         raise ValueError("the first method must be the full-precision reference, e.g. {name: fp32, type: fp}")
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
     dict_file = None
     if any(m["type"] == "csr" and not m.get("dictionary") for m in methods):
         if dictionary is None:
@@ -157,7 +161,7 @@ def evaluate(
     reference = None
     for L, seq, method in bar:
         bar.set_postfix(L=L, method=method["name"])
-        ids = windows[L][seq : seq + 1]
+        ids = windows[L][seq : seq + 1].to(lm.device)
         cache = make_cache(method, lm, dict_file)
         trace = results[method["name"]]["trace"] if L == max(context_lengths) and seq == 0 else None
         started = time.perf_counter()
@@ -185,10 +189,10 @@ def evaluate(
                 for j, n in enumerate(passkey_lengths) for i, d in enumerate(passkey_depths)]
         r["passkey_misses"] = [f"{n}@{d:g}" for (n, d), hit in zip(((n, d) for n in passkey_lengths for d in passkey_depths), hits)
                                if not hit]
-        prompt = tokenizer(generation_prompt, return_tensors="pt")["input_ids"]
+        prompt = tokenizer(generation_prompt, return_tensors="pt")["input_ids"].to(lm.device)
         with torch.no_grad():
             text = tokenizer.decode(lm.generate(prompt, max_new_tokens=generation_tokens, do_sample=False,
-                                                past_key_values=make_cache(m, lm, dict_file),
+                                                **with_cache(lm, make_cache(m, lm, dict_file)),
                                                 pad_token_id=tokenizer.eos_token_id)[0, prompt.shape[1]:])
         row = {"method": m["name"], "bits_per_channel": r["bits"]}
         for L in context_lengths:

@@ -284,6 +284,8 @@ def make_csr_cache(
         dictionary.check_model(fingerprint)
     if coef_format not in COEF_FORMATS:
         raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
+    if method not in ("mp", "omp"):
+        raise ValueError(f"method has to be 'mp' (matching pursuit) or 'omp' (orthogonal MP), got {method!r}")
     if online_sampling not in SAMPLINGS:
         raise ValueError(f"online_sampling has to be one of {list(SAMPLINGS)}, got {online_sampling!r}")
     sparsity_keys, sparsity_values = resolve_sparsity(

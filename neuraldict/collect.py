@@ -99,6 +99,7 @@ def collect_kv(
     windows_per_shard: int = 8,
     output_root: str | None = None,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> "KVCollection":
     """Collect pre-RoPE keys and values of every layer on `split` of `corpus`; resumable.
 
@@ -111,7 +112,8 @@ def collect_kv(
         batch_size: windows per forward pass.
         windows_per_shard: windows stored per shard file (the unit of resumption).
         output_root: folder for collections (default: <cache>/kv).
-        device: "cpu" or "cuda".
+        device: "cpu", "cuda" or "cuda:N".
+        dtype: the model's dtype, "float32", "bfloat16" or "float16" (shards are stored in float16 either way).
     """
     path, params = collection_dir(
         model=model, corpus=corpus, split=split, max_tokens=max_tokens, window=window,
@@ -122,7 +124,7 @@ def collect_kv(
         print(f"KV collection already complete: {path}")
         return KVCollection(path)
 
-    lm, tokenizer = load_model(model, device=device)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
     fingerprint = model_fingerprint(lm, model)
     windows = token_windows(
         tokenizer, load_corpus(corpus, split), window=window, max_tokens=max_tokens, source=f"corpus {corpus!r} ({split})"

@@ -80,6 +80,8 @@ def compare(
     downstream_context: int = 1024,
     downstream_sequences: int = 2,
     output: str = "benchmarks/results/compare",
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> list[dict]:
     """Train every method on the same vectors, score all on the same held-out vectors.
 
@@ -107,6 +109,8 @@ def compare(
         downstream_context: tokens per downstream sequence (the first half prefilled, the rest scored).
         downstream_sequences: downstream sequences.
         output: report folder.
+        device: where the model runs during collection and the downstream perplexity ("cpu", "cuda").
+        dtype: the model's dtype there ("float32", "bfloat16", "float16").
     """
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
@@ -116,8 +120,9 @@ def compare(
     if downstream_sparsity and s_n_keys != 1:
         raise ValueError(f"the downstream perplexity runs CSRCache, which codes keys with s_n = 1, not s_n_keys = "
                          f"{s_n_keys}: set s_n_keys: 1 or downstream_sparsity: 0")
-    train = collect_kv(model=model, corpus=corpus, split="train", max_tokens=train_tokens, window=window)
-    held_out = collect_kv(model=model, corpus=corpus, split="validation", max_tokens=val_tokens, window=window)
+    on = dict(device=device, dtype=dtype)
+    train = collect_kv(model=model, corpus=corpus, split="train", max_tokens=train_tokens, window=window, **on)
+    held_out = collect_kv(model=model, corpus=corpus, split="validation", max_tokens=val_tokens, window=window, **on)
     d_h = train.model.head_dim
     rows, notes, learned = [], [], {}
     g = torch.Generator().manual_seed(0)
@@ -154,7 +159,7 @@ def compare(
     if downstream_sparsity:
         downstream = downstream_perplexity(model, corpus, learned, train.model, layers=layers, methods=methods,
                                            s_n_values=s_n_values, sparsity=downstream_sparsity,
-                                           context=downstream_context, sequences=downstream_sequences)
+                                           context=downstream_context, sequences=downstream_sequences, **on)
     write_report(rows, notes, Path(output), n_atoms=n_atoms, downstream=downstream,
                  downstream_setting=f"CSR-{downstream_sparsity} on layers {list(layers)} (the other layers exact), MP, "
                                     f"offline atoms only; L = {downstream_context}, P = L/2, c = 32, "
@@ -164,7 +169,8 @@ def compare(
 
 @torch.no_grad()
 def downstream_perplexity(model: str, corpus: str, learned: dict, fingerprint, *, layers, methods, s_n_values: int,
-                          sparsity: int, context: int, sequences: int) -> dict[str, float]:
+                          sparsity: int, context: int, sequences: int, device: str = "cpu",
+                          dtype: str = "float32") -> dict[str, float]:
     """Held-out perplexity with a CSR cache whose compared layers are coded by each method's dictionaries.
 
     Returns {"full precision": ppl, method: ppl, ...}; scored as `csr-eval` scores (prefill half, decode
@@ -172,16 +178,16 @@ def downstream_perplexity(model: str, corpus: str, learned: dict, fingerprint, *
     """
     from csr_runtime.cache import CSRCache
     from csr_runtime.dictionary_file import DictionaryFile, KindDictionaries
-    from csr_runtime.evaluate import chunked_log_probs
+    from csr_core.scoring import chunked_log_probs
     from transformers import DynamicCache
 
     from neuraldict.collect import token_windows
     from neuraldict.corpus import load_corpus
     from neuraldict.models import load_model
 
-    lm, tokenizer = load_model(model)
+    lm, tokenizer = load_model(model, device=device, dtype=dtype)
     ids = token_windows(tokenizer, load_corpus(corpus, "test"), window=context, max_tokens=context * sequences,
-                        source=f"test split of {corpus!r}")
+                        source=f"test split of {corpus!r}").to(lm.device)
     # Layers that are not compared are never coded; they point at the nearest compared layer's group.
     nearest = [min(range(len(layers)), key=lambda i: abs(layers[i] - l)) for l in range(fingerprint.n_layers)]
 

@@ -39,6 +39,7 @@ class KVDataModule(L.LightningDataModule):
         batches_per_epoch: int = 50,
         max_val_vectors: int = 4096,
         collect_device: str = "cpu",
+        collect_dtype: str = "float32",
         seed: int = 0,
         metric: Literal["l2", "attention"] = "l2",
         metric_tokens: int = 4096,
@@ -59,7 +60,8 @@ class KVDataModule(L.LightningDataModule):
             batch_size: head vectors per dictionary per training step.
             batches_per_epoch: training steps per epoch.
             max_val_vectors: held-out vectors per dictionary.
-            collect_device: device of the model during collection.
+            collect_device: device of the model during collection ("cpu", "cuda").
+            collect_dtype: dtype of the model during collection ("float32", "bfloat16", "float16").
             seed: seed of the batch sampling.
             metric: "l2" codes ‖x − x̂‖²; "attention" codes keys in the metric of the pre-RoPE queries and values
                 in the metric of the output projection (`csr_runtime.metric`): dictionaries are trained on whitened
@@ -88,7 +90,7 @@ class KVDataModule(L.LightningDataModule):
     def _collect(self, split: str, tokens: int) -> KVCollection:
         h = self.hparams
         return collect_kv(model=h.model, corpus=h.corpus, split=split, max_tokens=tokens, window=h.window,
-                          device=h.collect_device)
+                          device=h.collect_device, dtype=h.collect_dtype)
 
     def prepare_data(self) -> None:
         self._collect("train", self.hparams.train_tokens)
@@ -140,7 +142,7 @@ class KVDataModule(L.LightningDataModule):
         from neuraldict.corpus import load_corpus
         from neuraldict.models import load_model
 
-        lm, tokenizer = load_model(h.model, device=h.collect_device)
+        lm, tokenizer = load_model(h.model, device=h.collect_device, dtype=h.collect_dtype)
         windows = token_windows(tokenizer, load_corpus(h.corpus, "train"), window=h.window, max_tokens=h.metric_tokens,
                                 source=f"train split of {h.corpus!r}")
         result = attention_whitening(lm, windows, max_distance=h.metric_distance)

@@ -9,6 +9,7 @@ cache; later loads take well under a second.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
@@ -72,10 +73,36 @@ def resolve_model(model: str) -> str:
     return str(converted_embedded_model()) if model == EMBEDDED_MODEL else model
 
 
-def load_model(model: str = EMBEDDED_MODEL, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Return (model, tokenizer) for a causal LM that CSR supports, in eval mode on `device`."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """"float32" | "bfloat16" | "float16" (or a torch dtype) → the torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype has to be one of {list(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def check_device(device: str) -> str:
+    """A device torch can use here, or an error that says what to pass instead."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    return device
+
+
+def load_model(model: str = EMBEDDED_MODEL, *, device: str = "cpu", dtype: str | torch.dtype = "float32"):
+    """Return (model, tokenizer) for a causal LM that CSR supports, in eval mode on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype, device = resolve_dtype(dtype), check_device(device)
     source = resolve_model(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -121,6 +148,17 @@ def model_fingerprint(lm: torch.nn.Module, model_id: str) -> ModelFingerprint:
         rope_theta=float(theta),
         rope_type=str(rope.get("rope_type", "default")),
     )
+
+
+def cache_keyword(lm: torch.nn.Module) -> str:
+    """The keyword this transformers version takes a KV cache by: `cache` where the model's forward has it
+    (transformers ≥ 5.2x, which deprecates `past_key_values`), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+
+
+def with_cache(lm: torch.nn.Module, cache) -> dict:
+    """`lm(ids, **with_cache(lm, cache))` / `lm.generate(..., **with_cache(lm, cache))` on any supported version."""
+    return {cache_keyword(lm): cache}
 
 
 def pre_rope_key_modules(lm: torch.nn.Module) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
