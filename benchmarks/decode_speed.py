@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from csr_core.corpus import load_corpus
+from csr_core.models import load_model, with_cache
+from csr_core.scoring import cache_bytes
+from csr_eval.kivi import KIVICache
 from csr_runtime.cache import CSRCache
-from csr_runtime.evaluate import cache_bytes
-from csr_runtime.kivi import KIVICache
 from csr_runtime.sparse_coding import sparse_encode
 from neuraldict.collect import token_windows
-from neuraldict.corpus import load_corpus
-from neuraldict.models import load_model, with_cache
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
                          "decode_ratio_vs_dynamic": tps / base[1], "cache_MB": nbytes / 2**20})
             print(rows[-1], flush=True)
     # MP coding throughput on real keys of layer 15 (pre-RoPE), dictionary of the file + 128 extra atoms.
-    from csr_runtime.dictionary_file import load_dictionary
+    from csr_core.dictionary_file import load_dictionary
     from neuraldict.collect import capture_kv
 
     keys, _ = capture_kv(lm, stream[:, :1024])

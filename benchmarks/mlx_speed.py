@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from csr_runtime.dictionary_file import load_dictionary
+from csr_core.dictionary_file import load_dictionary
 from csr_runtime.sparse_coding import sparse_encode as torch_encode
 from mlx_backend.cache import make_csr_cache
 from mlx_backend.convert import mlx_model_dir

@@ -36,7 +36,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> None:
-    from sklearn.decomposition import MiniBatchDictionaryLearning, sparse_encode as sk_sparse_encode
+    from sklearn.decomposition import MiniBatchDictionaryLearning
+    from sklearn.decomposition import sparse_encode as sk_sparse_encode
     from sklearn.linear_model import orthogonal_mp_gram
 
     args = setup_arg_parser().parse_args(argv)

@@ -27,19 +27,29 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from csr_runtime import defaults
-from csr_runtime.code_layout import row_index_bits
-from csr_runtime.allocation import resolve_sparsity
+from csr_core import defaults
+from csr_core.allocation import resolve_sparsity
+from csr_core.code_layout import row_index_bits
+from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
+from csr_core.models import check_supported, model_fingerprint
+from csr_runtime.code_packing import (
+    COEF_FORMATS,
+    CodeLayout,
+    CoefFormat,
+    fp8_scale,
+    pack_codes,
+    quantize_coefficients,
+    unpack_codes,
+)
 from csr_runtime.codebook import SAMPLINGS, Codebook, Sampling
-from csr_runtime.code_packing import COEF_FORMATS, CodeLayout, CoefFormat, fp8_scale, pack_codes, quantize_coefficients, \
-    unpack_codes
-from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_runtime.metric import apply as whiten_heads
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
 from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
+
 
 @dataclass
 class CSRSettings:
@@ -214,6 +224,9 @@ class CSRLayer(CacheLayerMixin):
         return self.get_seq_length() + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.2x
         return -1
 
     def _sink_len(self) -> int:
@@ -401,7 +414,7 @@ class CSRCache(Cache):
     being the value dictionary's (the paper's 2; 1 for the embedded default), so both cost 32·s/d_h bits
     per channel. Or give `sparsity_keys` / `sparsity_values` directly (one int, or one per layer), or a budget
     `code_bits_per_channel` for the codes, which the cache spends layer by layer where the file's measured
-    error curves say atoms help most (`csr_runtime/allocation.py`). With none of them, the file's stored
+    error curves say atoms help most (`csr_core/allocation.py`). With none of them, the file's stored
     allocation (`neuraldict allocate`) if it has one, else the sparsities it was trained at.
     `coded_layers` limits coding to some layers; the others keep full-precision K/V (counted too).
     """
@@ -428,8 +441,6 @@ class CSRCache(Cache):
         coded_layers: list[int] | None = None,
         model_id: str = "model",
     ):
-        from neuraldict.models import check_supported, model_fingerprint
-
         check_supported(model, model_id)
         fingerprint: ModelFingerprint = model_fingerprint(model, model_id)
         if not isinstance(dictionary, DictionaryFile):

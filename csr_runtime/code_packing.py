@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from csr_runtime.code_layout import COEF_FORMATS, COEF_BITS, FP8_MAX, CodeLayout, CoefFormat, fp8_scale, index_bits_for
+from csr_core.code_layout import COEF_BITS, COEF_FORMATS, FP8_MAX, CodeLayout, CoefFormat, fp8_scale, index_bits_for
 
 __all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "fp8_scale", "index_bits_for",
            "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]

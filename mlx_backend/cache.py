@@ -3,7 +3,7 @@
 One object per layer, following mlx-lm's cache protocol (`update_and_fetch`, `offset`, `make_mask`,
 `empty`, `nbytes`), so a list of them is a `prompt_cache` for `mlx_lm.generate` / `stream_generate`.
 Keys arrive rotated; they are un-rotated with the model's RoPE, coded before RoPE, bit-packed per
-token in the layout of `csr_runtime.code_layout` (the same bytes as the torch runtime), and rotated
+token in the layout of `csr_core.code_layout` (the same bytes as the torch runtime), and rotated
 again when read. The first `sink_tokens` tokens stay exact. Per layer the dictionary is offline (file) +
 online (the prompt's own vectors) + guard (vectors whose relative residual stays above a threshold),
 a `Codebook` (`codebook.py`) per kind and row; the newest `window` tokens stay in full precision. The call's own new K/V reach
@@ -21,13 +21,13 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import create_attention_mask
 
-from csr_runtime import defaults
-from csr_runtime.allocation import resolve_sparsity
-from csr_runtime.code_layout import COEF_FORMATS, row_index_bits
-from csr_runtime.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
+from csr_core import defaults
+from csr_core.allocation import resolve_sparsity
+from csr_core.code_layout import COEF_FORMATS, row_index_bits
+from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
+from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
 from mlx_backend.codebook import SAMPLINGS, Codebook
 from mlx_backend.metric import apply as whiten_heads
-from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
 from mlx_backend.rope import rotate, unrotate
 from mlx_backend.sparse_coding import sparse_decode, sparse_encode, split_chunks
 
@@ -242,7 +242,7 @@ class CSRKVCache:
 
 
 def model_fingerprint(model, model_id: str = "model") -> ModelFingerprint:
-    """The architecture fields of an mlx-lm model, as `neuraldict.models.model_fingerprint` reads them in torch."""
+    """The architecture fields of an mlx-lm model, as `csr_core.models.model_fingerprint` reads them in torch."""
     args = model.args
     heads = args.num_attention_heads
     scaling = getattr(args, "rope_scaling", None)

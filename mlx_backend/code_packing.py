@@ -1,14 +1,14 @@
 """Bit-packed CSR codes in MLX — the same functions, names and bytes as `csr_runtime.code_packing`.
 
 The layout itself (`CodeLayout`, pure Python) is shared with the torch runtime through
-`csr_runtime.code_layout`, which imports no torch.
+`csr_core.code_layout`, which imports no torch.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 
-from csr_runtime.code_layout import COEF_FORMATS, COEF_BITS, FP8_MAX, CodeLayout, fp8_scale, index_bits_for
+from csr_core.code_layout import COEF_BITS, COEF_FORMATS, FP8_MAX, CodeLayout, fp8_scale, index_bits_for
 
 __all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "fp8_scale", "index_bits_for",
            "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]

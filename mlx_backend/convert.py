@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from neuraldict.paths import cache_root
+from csr_core.paths import cache_root
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -27,7 +27,7 @@ def mlx_model_dir(model: str = EMBEDDED_MODEL) -> Path:
     if (target / "config.json").is_file():
         return target
     if model == EMBEDDED_MODEL:
-        from neuraldict.models import converted_embedded_model  # GGUF → safetensors, needs torch once
+        from csr_core.models import converted_embedded_model  # GGUF → safetensors, needs torch once
 
         source = converted_embedded_model()
     if not (source / "config.json").is_file():

@@ -1,4 +1,4 @@
-"""Perplexity of mlx-lm caches on the held-out corpus, with the protocol of `csr_runtime.evaluate`.
+"""Perplexity of mlx-lm caches on the held-out corpus, with the protocol of `csr_eval.evaluate`.
 
 A prefix of P tokens is prefilled into the cache; the following tokens are scored by decoding them in
 chunks of c tokens from the cache. Compares KVCache, mlx-lm's 4-bit QuantizedKVCache and the CSR cache
@@ -16,7 +16,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from csr_runtime import defaults
+from csr_core import defaults
 from mlx_backend.cache import cache_nbytes, make_csr_cache
 from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
 
@@ -34,7 +34,7 @@ def chunked_log_probs(model, ids: list[int], prompt_cache, *, prefix: int, chunk
 
 
 def held_out_windows(tokenizer, corpus: str, length: int, count: int) -> list[list[int]]:
-    from neuraldict.corpus import load_corpus
+    from csr_core.corpus import load_corpus
 
     stream: list[int] = []
     for doc in load_corpus(corpus, "test"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from csr_runtime import defaults
+from csr_core import defaults
 from mlx_backend.cache import cache_nbytes, make_csr_cache
 from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from csr_runtime.allocation import greedy_allocation
-from csr_runtime.code_layout import COEF_BITS, index_bits_for
-from csr_runtime.dictionary_file import KINDS, DictionaryFile, load_dictionary, save_dictionary
+from csr_core.allocation import greedy_allocation
+from csr_core.code_layout import COEF_BITS, index_bits_for
+from csr_core.dictionary_file import KINDS, DictionaryFile, load_dictionary, save_dictionary
 from csr_runtime.sparse_coding import sparse_encode, split_chunks
 
 

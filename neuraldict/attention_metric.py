@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from csr_core.models import model_fingerprint
 from csr_runtime.metric import key_metric, value_metric, whitening
-from neuraldict.models import model_fingerprint
 
 
 @torch.no_grad()

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from csr_runtime.dictionary_file import ModelFingerprint
-from neuraldict.corpus import EMBEDDED_CORPUS, Document, Split, load_corpus
-from neuraldict.models import EMBEDDED_MODEL, load_model, model_fingerprint, pre_rope_key_modules
-from neuraldict.paths import cache_root
+from csr_core.corpus import EMBEDDED_CORPUS, Document, Split, load_corpus
+from csr_core.dictionary_file import ModelFingerprint
+from csr_core.models import EMBEDDED_MODEL, load_model, model_fingerprint, pre_rope_key_modules
+from csr_core.paths import cache_root
 
 KIND_INDEX = {"keys": 0, "values": 1}
 _MANIFEST = "collection.json"

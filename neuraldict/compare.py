@@ -176,14 +176,14 @@ def downstream_perplexity(model: str, corpus: str, learned: dict, fingerprint, *
     Returns {"full precision": ppl, method: ppl, ...}; scored as `csr-eval` scores (prefill half, decode
     the rest in chunks of 32), so only tokens predicted from the compressed cache count.
     """
-    from csr_runtime.cache import CSRCache
-    from csr_runtime.dictionary_file import DictionaryFile, KindDictionaries
-    from csr_core.scoring import chunked_log_probs
     from transformers import DynamicCache
 
+    from csr_core.corpus import load_corpus
+    from csr_core.dictionary_file import DictionaryFile, KindDictionaries
+    from csr_core.models import load_model
+    from csr_core.scoring import chunked_log_probs
+    from csr_runtime.cache import CSRCache
     from neuraldict.collect import token_windows
-    from neuraldict.corpus import load_corpus
-    from neuraldict.models import load_model
 
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     ids = token_windows(tokenizer, load_corpus(corpus, "test"), window=context, max_tokens=context * sequences,

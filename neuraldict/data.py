@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from csr_runtime.dictionary_file import KINDS
+from csr_core.corpus import EMBEDDED_CORPUS
+from csr_core.dictionary_file import KINDS
+from csr_core.models import EMBEDDED_MODEL
 from neuraldict.collect import KVCollection, collect_kv
-from neuraldict.corpus import EMBEDDED_CORPUS
 from neuraldict.merge import divergence_matrix, group_layers
-from neuraldict.models import EMBEDDED_MODEL
 
 
 class KVDataModule(L.LightningDataModule):
@@ -137,10 +137,10 @@ class KVDataModule(L.LightningDataModule):
         cached = collection.path / f"whitening_t{h.metric_tokens}_d{h.metric_distance}.pt"
         if cached.is_file():
             return {kind: tuple(t.detach() for t in pair) for kind, pair in torch.load(cached, weights_only=True).items()}
+        from csr_core.corpus import load_corpus
+        from csr_core.models import load_model
         from neuraldict.attention_metric import attention_whitening
         from neuraldict.collect import token_windows
-        from neuraldict.corpus import load_corpus
-        from neuraldict.models import load_model
 
         lm, tokenizer = load_model(h.model, device=h.collect_device, dtype=h.collect_dtype)
         windows = token_windows(tokenizer, load_corpus(h.corpus, "train"), window=h.window, max_tokens=h.metric_tokens,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csr_runtime.dictionary_file import KINDS, DictionaryFile, KindDictionaries, ModelFingerprint, save_dictionary
+from csr_core.dictionary_file import KINDS, DictionaryFile, KindDictionaries, ModelFingerprint, save_dictionary
 
 CHECKPOINT_KEY = "csr_structure"  # what a NeuralDict checkpoint stores besides its weights
 WHITENING_KEY = "csr_whitening"  # kind → (A, A⁻¹) of the attention metric, where the dictionaries were trained on A x

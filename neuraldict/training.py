@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.cli import LightningCLI
 
-from csr_runtime.dictionary_file import INDEX_LIMIT, KINDS, save_dictionary
+from csr_core.dictionary_file import INDEX_LIMIT, KINDS, save_dictionary
 from csr_runtime.sparse_coding import sparse_decode, sparse_encode, split_chunks
 from neuraldict.export import CHECKPOINT_KEY, WHITENING_KEY, _escape, structure_dictionary
 from neuraldict.kmeans import kmeans_dictionary

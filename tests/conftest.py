@@ -23,7 +23,7 @@ def tiny_llama(*, n_layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (converted once into the cache)."""
-    from neuraldict.models import load_model
+    from csr_core.models import load_model
 
     return load_model()
 
@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory):
     """A folder holding a tiny random Llama with SmolLM2's real tokenizer: the whole pipeline in seconds."""
     from transformers import AutoTokenizer
 
-    from neuraldict.models import converted_embedded_model
+    from csr_core.models import converted_embedded_model
 
     def make(name: str, n_layers: int):
         folder = tmp_path_factory.mktemp(name)
@@ -49,7 +49,7 @@ def other_tiny_model_dir(tmp_path_factory):
     """Like tiny_model_dir, but 2 layers: another architecture."""
     from transformers import AutoTokenizer
 
-    from neuraldict.models import converted_embedded_model
+    from csr_core.models import converted_embedded_model
 
     folder = tmp_path_factory.mktemp("tiny-llama-2-layers")
     tiny_llama(n_layers=2, heads=4, kv_heads=2, head_dim=16, vocab_size=49152).save_pretrained(folder)
@@ -62,11 +62,11 @@ def smollm2_kmeans_dictionary(tmp_path_factory, smollm2):
     """A dictionary file for the real SmolLM2 from k-means on 2 048 calibration tokens (N = 256): seconds, not a fit."""
     import numpy as np
 
-    from csr_runtime.dictionary_file import DictionaryFile, KindDictionaries, save_dictionary
+    from csr_core.dictionary_file import DictionaryFile, KindDictionaries, save_dictionary
+    from csr_core.models import model_fingerprint
     from csr_runtime.sparse_coding import split_chunks
     from neuraldict.collect import collect_kv
     from neuraldict.kmeans import kmeans_dictionary
-    from neuraldict.models import model_fingerprint
 
     collection = collect_kv(max_tokens=2048, window=512)
     atoms = {"keys": [], "values": []}

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from csr_core.allocation import greedy_allocation
+from csr_core.dictionary_file import load_dictionary, save_dictionary
 from csr_runtime.cache import CSRCache
-from csr_runtime.dictionary_file import load_dictionary, save_dictionary
-from csr_runtime.allocation import greedy_allocation
 from neuraldict.allocate import error_curves
 from tests.conftest import tiny_llama
 from tests.test_cache import random_dictionary

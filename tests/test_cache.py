@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from csr_core.dictionary_file import DictionaryFile, KindDictionaries, ModelFingerprint
+from csr_core.models import model_fingerprint
 from csr_runtime.cache import CSRCache
-from csr_runtime.dictionary_file import DictionaryFile, KindDictionaries, ModelFingerprint
-from neuraldict.models import model_fingerprint
 from tests.conftest import tiny_llama
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from csr_eval.kivi import KIVICache
 from csr_runtime.cache import CSRCache
-from csr_runtime.kivi import KIVICache
 from tests.conftest import tiny_llama
 from tests.test_cache import PACKED_FP16, complete_dictionary, random_dictionary
 

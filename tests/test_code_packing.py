@@ -3,8 +3,17 @@ import math
 import pytest
 import torch
 
-from csr_runtime.code_packing import (COEF_FORMATS, CodeLayout, fp8_scale, index_bits_for, pack_codes, pack_fields,
-                                      quantize_coefficients, unpack_codes, unpack_fields)
+from csr_runtime.code_packing import (
+    COEF_FORMATS,
+    CodeLayout,
+    fp8_scale,
+    index_bits_for,
+    pack_codes,
+    pack_fields,
+    quantize_coefficients,
+    unpack_codes,
+    unpack_fields,
+)
 from csr_runtime.sparse_coding import relative_error, sparse_decode, sparse_encode
 
 

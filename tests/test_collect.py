@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from csr_core.corpus import Document
 from csr_runtime.rope import rope_cos_sin, rotate, unrotate
 from neuraldict.collect import KVCollection, capture_kv, collect_kv, token_windows
-from neuraldict.corpus import Document
 from tests.conftest import tiny_llama
 
 
@@ -72,7 +72,7 @@ def test_collection_is_resumable_and_memory_mapped(tmp_path, smollm2):
     assert keys15.shape == (192 * 3, 64) and keys15.dtype == np.float16
 
     # The stored keys are the model's pre-RoPE keys of the first window.
-    from neuraldict.corpus import load_corpus
+    from csr_core.corpus import load_corpus
 
     ids = token_windows(tokenizer, load_corpus("python-docs", "train"), window=64, max_tokens=192)
     k, v = capture_kv(lm, ids[:1])

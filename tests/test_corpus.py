@@ -1,6 +1,6 @@
 import pytest
 
-from neuraldict.corpus import SPLITS, load_corpus, split_of
+from csr_core.corpus import SPLITS, load_corpus, split_of
 
 
 def test_embedded_corpus_is_real_english_split_by_document():

@@ -1,10 +1,10 @@
-"""Defaults live in one place (`csr_runtime.defaults`) and both runtimes and the embedded configs agree with it."""
+"""Defaults live in one place (`csr_core.defaults`) and both runtimes and the embedded configs agree with it."""
 
 import inspect
 
 import yaml
 
-from csr_runtime import defaults
+from csr_core import defaults
 from csr_runtime.cache import CSRCache
 from mlx_backend.cache import make_csr_cache
 

@@ -6,8 +6,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from csr_runtime.dictionary_file import (
-    DictionaryFile, KindDictionaries, ModelFingerprint, load_dictionary, save_dictionary,
+from csr_core.dictionary_file import (
+    DictionaryFile,
+    KindDictionaries,
+    ModelFingerprint,
+    load_dictionary,
+    save_dictionary,
 )
 
 FP = ModelFingerprint("tiny", n_layers=3, n_kv_heads=2, head_dim=8, rope_theta=10000.0)
@@ -87,7 +91,7 @@ def test_reader_needs_no_torch(tmp_path):
     path = save_dictionary(tmp_path / "dict.safetensors", make_dictionary())
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from csr_runtime.dictionary_file import load_dictionary\n"
+        "from csr_core.dictionary_file import load_dictionary\n"
         f"d = load_dictionary({str(path)!r}); print(d.keys.atoms[1].shape)\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
     )

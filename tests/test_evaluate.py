@@ -4,9 +4,10 @@ import math
 import torch
 from transformers import DynamicCache
 
-from csr_runtime.dictionary_file import save_dictionary
-from csr_runtime.evaluate import cache_bytes, chunked_log_probs, evaluate, make_cache
-from neuraldict.models import load_model
+from csr_core.dictionary_file import save_dictionary
+from csr_core.models import load_model
+from csr_core.scoring import cache_bytes, chunked_log_probs
+from csr_eval.evaluate import evaluate, make_cache
 from tests.conftest import tiny_llama
 from tests.test_cache import complete_dictionary
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from csr_runtime.kivi import KIVICache, KIVILayer, dequantize, pack, quantize, unpack
+from csr_eval.kivi import KIVICache, KIVILayer, dequantize, pack, quantize, unpack
 from tests.conftest import tiny_llama
 
 

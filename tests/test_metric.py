@@ -6,11 +6,11 @@ import torch
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from csr_core.dictionary_file import load_dictionary, save_dictionary
+from csr_core.models import model_fingerprint
 from csr_runtime.cache import CSRCache
-from csr_runtime.dictionary_file import load_dictionary, save_dictionary
 from csr_runtime.metric import key_metric, rope_rotations, value_metric, whitening
 from csr_runtime.sparse_coding import sparse_decode, sparse_encode
-from neuraldict.models import model_fingerprint
 from tests.conftest import tiny_llama
 from tests.test_cache import complete_dictionary
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from csr_runtime.dictionary_file import DictionaryFile, KindDictionaries, ModelFingerprint, save_dictionary
+from csr_core.dictionary_file import DictionaryFile, KindDictionaries, ModelFingerprint, save_dictionary
 from csr_runtime.sparse_coding import sparse_encode as torch_encode
 from mlx_backend.cache import make_csr_cache, model_fingerprint
 from mlx_backend.rope import rotate, unrotate
@@ -99,11 +99,11 @@ def test_runtime_modules_do_not_import_torch():
 def test_smollm2_parity_with_the_torch_runtime(smollm2, tmp_path):
     from mlx_lm import load
 
+    from csr_core.models import model_fingerprint as torch_fingerprint
+    from csr_core.scoring import chunked_log_probs as torch_log_probs
     from csr_runtime.cache import CSRCache
-    from csr_runtime.evaluate import chunked_log_probs as torch_log_probs
     from mlx_backend.convert import mlx_model_dir
     from mlx_backend.evaluate import chunked_log_probs as mlx_log_probs
-    from neuraldict.models import model_fingerprint as torch_fingerprint
 
     lm, tokenizer = smollm2
     fp = torch_fingerprint(lm, "smollm2-135m-instruct")
@@ -130,7 +130,7 @@ def test_smollm2_parity_with_the_torch_runtime(smollm2, tmp_path):
 
 @pytest.mark.smollm2
 def test_generate_cli_prints_text_speed_and_memory(smollm2, tmp_path):
-    from neuraldict.models import model_fingerprint as torch_fingerprint
+    from csr_core.models import model_fingerprint as torch_fingerprint
 
     fp = torch_fingerprint(smollm2[0], "smollm2-135m-instruct")
     path = save_dictionary(tmp_path / "d.safetensors", DictionaryFile(

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from neuraldict.models import check_supported, load_model, model_fingerprint
+from csr_core.models import check_supported, load_model, model_fingerprint
 from tests.conftest import tiny_llama
 
 
@@ -35,3 +35,36 @@ def test_embedded_model_is_the_real_smollm2(smollm2):
     ids = tokenizer("The capital of France is", return_tensors="pt")
     out = lm.generate(**ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_library_code_passes_caches_without_a_deprecation_warning():
+    """csr-eval and compare score through `chunked_log_probs`: it must use the keyword this transformers takes."""
+    import inspect
+    import warnings
+
+    from csr_core.models import cache_keyword
+    from csr_core.scoring import chunked_log_probs
+    from csr_runtime.cache import CSRCache
+    from tests.test_cache import random_dictionary
+
+    lm = tiny_llama(n_layers=2)
+    expected = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    assert cache_keyword(lm) == expected
+    ids = torch.randint(1, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        logp = chunked_log_probs(lm, ids, CSRCache(lm, random_dictionary(lm), sparsity_keys=2, sparsity_values=1),
+                                 prefix=12, chunk=4)
+    assert logp.shape == (12, 128)
+
+
+@pytest.mark.parametrize("device,dtype,message", [("cuda:7" if not torch.cuda.is_available() else "nope", "float32", "device"),
+                                                  ("cpu", "int8", "dtype has to be one of")])
+def test_bad_device_or_dtype_says_what_to_pass(tiny_model_dir, device, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        load_model(str(tiny_model_dir), device=device, dtype=dtype)
+
+
+def test_load_model_in_bf16(tiny_model_dir):
+    lm, _ = load_model(str(tiny_model_dir), dtype="bfloat16")
+    assert next(lm.parameters()).dtype == torch.bfloat16

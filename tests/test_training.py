@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from csr_runtime.dictionary_file import load_dictionary
+from csr_core.dictionary_file import load_dictionary
+from csr_core.models import load_model, model_fingerprint
 from neuraldict.merge import divergence_matrix, group_layers
-from neuraldict.models import load_model, model_fingerprint
 from neuraldict.training import NeuralDict, diversity_loss, neuraldict_loss, run_lightning_cli
 from tests.test_sparse_coding import reference_mp, unit_dictionary
 
@@ -175,7 +175,7 @@ def test_every_config_parses(config):
     elif config.stem in ("collect", "compare"):  # `neuraldict collect|compare`
         cmd = [sys.executable, "-m", "neuraldict.cli", config.stem, "--config", str(config), "--print_config"]
     else:  # csr-eval
-        cmd = [sys.executable, "-m", "csr_runtime.evaluate", "--config", str(config), "--print_config"]
+        cmd = [sys.executable, "-m", "csr_eval.evaluate", "--config", str(config), "--print_config"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "model" in run.stdout

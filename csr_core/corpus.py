@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from neuraldict.paths import cache_root
+from csr_core.paths import cache_root
 
 EMBEDDED_CORPUS = "python-docs"
 Split = Literal["train", "validation", "test"]

@@ -12,4 +12,4 @@ SINK_TOKENS = 4  # first tokens of each row kept exact
 WINDOW = 0  # newest tokens kept exact
 COEF_FORMAT = "fp8"  # "fp8" (E4M3) | "int8" | "fp16"
 INDEX_BITS = None  # None: ⌈log2(offline + online + guard atoms)⌉; 16 with "fp16" is the paper's layout
-KEY_WEIGHT = 1.0  # allocation: exchange rate of key error against value error (csr_runtime/allocation.py)
+KEY_WEIGHT = 1.0  # allocation: exchange rate of key error against value error (csr_core/allocation.py)

