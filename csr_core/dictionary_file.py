@@ -130,7 +130,7 @@ class DictionaryFile:
             raise ValueError(
                 f"{path} was trained for {self.model.model_id!r}, not for {model.model_id!r} "
                 f"({'; '.join(diffs)}): train a dictionary for this model with "
-                f"`lightning fit --config configs/llama.yaml --data.init_args.model {model.model_id}`"
+                f"`lightning fit --config configs/llama.yaml --data.model {model.model_id}`"
             )
 
 

@@ -11,6 +11,7 @@ back to θ = 10 000 (SmolLM2 uses 100 000). The folder gets a config with `rope_
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,19 +21,29 @@ from csr_core.paths import cache_root
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 
+def conversion_key(source: Path) -> str:
+    """What a converted folder is cached under: the source folder's name, plus a hash of its resolved path and
+    its config.json, so two different folders called `model` (or one folder whose config changed) never share
+    a conversion."""
+    config = (source / "config.json").read_bytes()
+    digest = hashlib.sha256(str(source.resolve()).encode() + b"\0" + config).hexdigest()[:12]
+    return f"{source.name}-{digest}"
+
+
 def mlx_model_dir(model: str = EMBEDDED_MODEL) -> Path:
     """The mlx-lm folder for `model`, converted on first use (the embedded GGUF needs torch once)."""
-    source = Path(model)
-    target = cache_root() / "mlx" / (EMBEDDED_MODEL if model == EMBEDDED_MODEL else source.name)
-    if (target / "config.json").is_file():
-        return target
     if model == EMBEDDED_MODEL:
         from csr_core.models import converted_embedded_model  # GGUF → safetensors, needs torch once
 
         source = converted_embedded_model()
+    else:
+        source = Path(model)
     if not (source / "config.json").is_file():
         raise ValueError(f"{model!r} is neither the embedded model nor a local Hugging Face folder; on a machine "
                          f"with network, mlx_lm.load({model!r}) loads a hub id directly")
+    target = cache_root() / "mlx" / conversion_key(source)
+    if (target / "config.json").is_file():
+        return target
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

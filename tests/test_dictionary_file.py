@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +99,20 @@ def test_reader_needs_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "(12, 8)"
+
+
+def test_the_command_a_model_mismatch_suggests_parses(tmp_path):
+    """The error names a command to run; its flags must exist (checked by parsing it with --print_config)."""
+    import re
+    import shlex
+
+    path = save_dictionary(tmp_path / "dict.safetensors", make_dictionary())
+    other = ModelFingerprint("some/model", n_layers=3, n_kv_heads=2, head_dim=64, rope_theta=10000.0)
+    with pytest.raises(ValueError) as error:
+        load_dictionary(path, model=other)
+    command = re.search(r"`(lightning fit [^`]+)`", str(error.value)).group(1)
+    args = shlex.split(command)[1:] + ["--print_config"]
+    run = subprocess.run([sys.executable, "-c", "from neuraldict.cli import lightning_main; lightning_main()", *args],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "model: some/model" in run.stdout

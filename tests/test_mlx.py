@@ -214,3 +214,25 @@ def test_whitened_complete_dictionary_reproduces_kvcache_logits():
     ids = mx.array(np.random.default_rng(0).integers(0, 128, (1, 16)))
     for part in (ids[:, :12], ids[:, 12:13], ids[:, 13:]):
         np.testing.assert_allclose(np.array(model(part, cache=csr)), np.array(model(part, cache=plain)), atol=5e-3)
+
+
+def test_conversions_of_two_folders_with_the_same_name_are_kept_apart(tmp_path, monkeypatch, tiny_model_dir,
+                                                                       other_tiny_model_dir):
+    import json
+    import shutil
+
+    from mlx_backend.convert import mlx_model_dir
+
+    monkeypatch.setenv("CSR_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(other_tiny_model_dir, b)
+    converted_a, converted_b = mlx_model_dir(str(a)), mlx_model_dir(str(b))
+    assert converted_a != converted_b
+    layers = lambda folder: json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    assert (layers(converted_a), layers(converted_b)) == (3, 2)
+    assert mlx_model_dir(str(a)) == converted_a  # the second call reuses the conversion
+    config = json.loads((a / "config.json").read_text())
+    config["rope_theta"] = 12345.0
+    (a / "config.json").write_text(json.dumps(config))  # the same folder, changed: converted again
+    assert json.loads((mlx_model_dir(str(a)) / "config.json").read_text())["rope_theta"] == 12345.0
