@@ -10,6 +10,9 @@ the two kinds' errors (chosen on the validation split).
 
 from __future__ import annotations
 
+from csr_core.code_layout import COEF_BITS, row_index_bits
+from csr_core.options import check_sparsity
+
 KINDS = ("keys", "values")
 
 
@@ -54,6 +57,15 @@ def resolve_sparsity(dictionary, *, sparsity=None, sparsity_keys=None, sparsity_
     `greedy_allocation` on the file's error curves (an atom costs the runtime's index bits, from the row
     dictionary's size, + its coefficient bits); the file's stored allocation; the sparsities the
     dictionaries were trained at."""
+    keys, values = _resolve(dictionary, sparsity, sparsity_keys, sparsity_values, code_bits_per_channel, key_weight,
+                            index_bits, online_atoms, guard_atoms, coef_format)
+    check_sparsity(dictionary, keys, values, index_bits=index_bits, online_atoms=online_atoms, guard_atoms=guard_atoms,
+                   coef_format=coef_format)
+    return keys, values
+
+
+def _resolve(dictionary, sparsity, sparsity_keys, sparsity_values, code_bits_per_channel, key_weight, index_bits,
+             online_atoms, guard_atoms, coef_format):
     if code_bits_per_channel is None:
         return dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
     if sparsity is not None or sparsity_keys is not None or sparsity_values is not None:
@@ -62,8 +74,6 @@ def resolve_sparsity(dictionary, *, sparsity=None, sparsity_keys=None, sparsity_
     if any(c is None for c in curves.values()):
         raise ValueError("this dictionary file has no error curves to allocate a budget with: add them with "
                          "`neuraldict allocate --dictionary <file>` (files from `lightning fit` carry them)")
-    from csr_core.code_layout import COEF_BITS, row_index_bits
-
     atom_bits = {kind: row_index_bits(index_bits, max(a.shape[0] for a in dictionary.kind(kind).atoms), online_atoms,
                                       guard_atoms) + COEF_BITS[coef_format] for kind in KINDS}
     m = dictionary.model

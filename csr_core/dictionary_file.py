@@ -106,6 +106,8 @@ class DictionaryFile:
         else the sparsities the dictionaries were trained at."""
         n = self.model.n_layers
         if sparsity is not None:
+            if isinstance(sparsity, bool) or not isinstance(sparsity, int) or sparsity < 1:
+                raise ValueError(f"sparsity (CSR-s) must be a positive int, got {sparsity!r}")
             if sparsity_keys is not None or sparsity_values is not None:
                 raise ValueError("give either sparsity (CSR-s naming) or sparsity_keys / sparsity_values, not both")
             s_n = self.values.s_n
@@ -118,7 +120,7 @@ class DictionaryFile:
             if given is None:
                 given = d.allocation if d.allocation is not None else d.sparsity
             per_layer = [given] * n if isinstance(given, int) else list(given)
-            if len(per_layer) != n or not all(isinstance(k, int) and k >= 1 for k in per_layer):
+            if len(per_layer) != n or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in per_layer):
                 raise ValueError(f"sparsity_{kind} must be a positive int or {n} positive ints (one per layer), got {given!r}")
             out.append(per_layer)
         return out[0], out[1]

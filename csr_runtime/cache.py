@@ -36,8 +36,8 @@ from csr_core.allocation import resolve_sparsity
 from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_core.models import check_supported, model_fingerprint
+from csr_core.options import check_cache_options
 from csr_runtime.code_packing import (
-    COEF_FORMATS,
     CodeLayout,
     CoefFormat,
     fp8_scale,
@@ -45,7 +45,7 @@ from csr_runtime.code_packing import (
     quantize_coefficients,
     unpack_codes,
 )
-from csr_runtime.codebook import SAMPLINGS, Codebook, Sampling
+from csr_runtime.codebook import Codebook, Sampling
 from csr_runtime.metric import apply as whiten_heads
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
 from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
@@ -450,18 +450,10 @@ class CSRCache(Cache):
         if dictionary.keys.s_n != 1:
             raise ValueError(f"key dictionaries with s_n = {dictionary.keys.s_n} are not supported by CSRCache; use s_n = 1")
         s_n_v = dictionary.values.s_n
-        if coef_format not in COEF_FORMATS:
-            raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
-        if method not in ("mp", "omp"):
-            raise ValueError(f"method has to be 'mp' (matching pursuit) or 'omp' (orthogonal MP), got {method!r}")
-        if index_bits is not None and not 1 <= index_bits <= 16:
-            raise ValueError(f"index_bits has to be None (as many as the dictionary needs) or in 1..16, got {index_bits}")
-        for name, value in (("window", window), ("sink_tokens", sink_tokens), ("online_atoms", online_atoms),
-                            ("guard_atoms", guard_atoms)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        if online_sampling not in SAMPLINGS:
-            raise ValueError(f"online_sampling has to be one of {list(SAMPLINGS)}, got {online_sampling!r}")
+        check_cache_options(method=method, online_atoms=online_atoms, online_sampling=online_sampling,
+                            guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
+                            sink_tokens=sink_tokens, index_bits=index_bits, coef_format=coef_format,
+                            code_bits_per_channel=code_bits_per_channel)
         sparsity_keys, sparsity_values = resolve_sparsity(
             dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
             code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, index_bits=index_bits,

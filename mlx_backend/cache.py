@@ -23,10 +23,11 @@ from mlx_lm.models.cache import create_attention_mask
 
 from csr_core import defaults
 from csr_core.allocation import resolve_sparsity
-from csr_core.code_layout import COEF_FORMATS, row_index_bits
+from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
+from csr_core.options import check_cache_options
 from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
-from mlx_backend.codebook import SAMPLINGS, Codebook
+from mlx_backend.codebook import Codebook
 from mlx_backend.metric import apply as whiten_heads
 from mlx_backend.rope import rotate, unrotate
 from mlx_backend.sparse_coding import sparse_decode, sparse_encode, split_chunks
@@ -282,12 +283,10 @@ def make_csr_cache(
         dictionary = load_dictionary(dictionary, model=fingerprint)
     else:
         dictionary.check_model(fingerprint)
-    if coef_format not in COEF_FORMATS:
-        raise ValueError(f"coef_format has to be one of {list(COEF_FORMATS)} but got {coef_format!r}")
-    if method not in ("mp", "omp"):
-        raise ValueError(f"method has to be 'mp' (matching pursuit) or 'omp' (orthogonal MP), got {method!r}")
-    if online_sampling not in SAMPLINGS:
-        raise ValueError(f"online_sampling has to be one of {list(SAMPLINGS)}, got {online_sampling!r}")
+    check_cache_options(method=method, online_atoms=online_atoms, online_sampling=online_sampling,
+                        guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
+                        sink_tokens=sink_tokens, index_bits=index_bits, coef_format=coef_format,
+                        code_bits_per_channel=code_bits_per_channel)
     sparsity_keys, sparsity_values = resolve_sparsity(
         dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
         code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, index_bits=index_bits,

@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from csr_core import defaults
-from mlx_backend.cache import cache_nbytes, make_csr_cache
+from mlx_backend.cache import make_csr_cache
 from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
 
 
@@ -73,7 +73,7 @@ def main(argv=None) -> None:
                                                          model_id=args.model)
     windows = held_out_windows(tokenizer, args.corpus, args.context_length, args.sequences)
     prefix = int(args.context_length * args.prefix_fraction)
-    print(f"| method | perplexity | cache KiB | seconds |\n|---|---|---|---|")
+    print("| method | perplexity | cache KiB | seconds |\n|---|---|---|---|")
     for name, make in methods.items():
         started, logps, nbytes = time.perf_counter(), [], 0
         for ids in windows:

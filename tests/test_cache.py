@@ -149,7 +149,7 @@ def test_index_bits_address_offline_online_and_guard_atoms():
     fp = model_fingerprint(lm, "tiny")
     d = DictionaryFile(fp, KindDictionaries(1, 2, [0], [random_atoms(100, 16, 0)]),
                        KindDictionaries(2, 1, [0], [random_atoms(64, 8, 1)]))
-    cache = CSRCache(lm, d, online_atoms=20, guard_atoms=8, guard_threshold=0.0)  # 128 / 92 atoms: 7 bits each
+    cache = CSRCache(lm, d, online_atoms=20, guard_atoms=8, guard_threshold=1e-9)  # 128 / 92 atoms: 7 bits each
     assert cache.layers[0].index_bits == {"keys": 7, "values": 7}
     with torch.no_grad():
         lm(torch.randint(0, 128, (1, 40)), past_key_values=cache)
@@ -170,7 +170,7 @@ def test_bad_inputs():
         CSRCache(lm, other)
     with pytest.raises(ValueError, match="coef_format has to be one of"):
         CSRCache(lm, random_dictionary(lm), coef_format="int4")
-    with pytest.raises(ValueError, match="sink_tokens must be >= 0"):
+    with pytest.raises(ValueError, match="sink_tokens must be an int >= 0"):
         CSRCache(lm, random_dictionary(lm), sink_tokens=-1)
     with pytest.raises(ValueError, match="multiple of 2"):
         CSRCache(lm, random_dictionary(lm), sparsity=3)
