@@ -20,6 +20,22 @@ def tiny_llama(*, n_layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory):
+    """Tests never write into the user's cache folder: KV collections, whitening and MLX conversions go to a
+    temporary CSR_CACHE_DIR. Only the converted embedded model is shared (linked), so it is converted once."""
+    from csr_core.paths import cache_root
+
+    shared_models = cache_root() / "models"
+    shared_models.mkdir(parents=True, exist_ok=True)
+    private = tmp_path_factory.mktemp("csr-cache")
+    (private / "models").symlink_to(shared_models, target_is_directory=True)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CSR_CACHE_DIR", str(private))  # subprocesses inherit it
+    yield private
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct (converted once into the cache)."""

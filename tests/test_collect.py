@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,3 +94,11 @@ def test_collection_is_resumable_and_memory_mapped(tmp_path, smollm2):
     assert (path / "shard_00000.npy").stat().st_mtime_ns == stamp, "a finished shard was recomputed"
     np.testing.assert_array_equal(np.load(path / "shard_00001.npy"), before)
     assert resumed.n_tokens == 192
+
+
+def test_tests_collect_into_a_private_cache_not_the_users(private_cache_dir, tiny_model_dir):
+    from csr_core.paths import cache_root
+
+    assert cache_root() == private_cache_dir
+    collection = collect_kv(model=str(tiny_model_dir), max_tokens=128, window=64)
+    assert Path(collection.path).resolve().is_relative_to(private_cache_dir.resolve())
