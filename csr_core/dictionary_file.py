@@ -181,22 +181,53 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
 def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None = None) -> DictionaryFile:
     """Read and validate a dictionary file; with `model`, also check it was made for that model."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a dictionary file: pass the dictionary.safetensors inside it")
     if not path.is_file():
-        raise FileNotFoundError(f"dictionary file {path} does not exist: export one with `neuraldict export`")
-    with safe_open(str(path), framework="numpy") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
-        if raw is None:
-            raise ValueError(f"{path}: metadata key {METADATA_KEY!r} is missing: not a CSR dictionary file")
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    meta = json.loads(raw)
+        raise FileNotFoundError(f"dictionary file {path} does not exist: `lightning fit --config configs/llama.yaml` "
+                                f"exports one (runs/.../dictionary.safetensors)")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            raw = (f.metadata() or {}).get(METADATA_KEY)
+            names = list(f.keys())
+            if raw is None:
+                raise ValueError(f"{path}: metadata key {METADATA_KEY!r} is missing: not a CSR dictionary file")
+            tensors = {name: f.get_tensor(name) for name in names}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); re-export or re-download "
+                         f"it") from None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from None
     version = _field(meta, "format_version", path)
-    if version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise ValueError(f"{path}: format_version {version!r} is unknown; this reader knows {list(READABLE_VERSIONS)}")
     m = _field(meta, "model", path)
     try:
         fingerprint = ModelFingerprint(**m)
     except TypeError as e:
         raise ValueError(f"{path}: field 'model' is malformed ({e})") from None
+    for name, kinds_allowed in (("model_id", str), ("n_layers", int), ("n_kv_heads", int), ("head_dim", int),
+                                ("rope_theta", (int, float)), ("rope_type", str)):
+        value = getattr(fingerprint, name)
+        if isinstance(value, bool) or not isinstance(value, kinds_allowed) or (kinds_allowed is int and value < 1):
+            raise ValueError(f"{path}: field 'model.{name}' = {value!r} has the wrong type or value")
+    expected = set()
+    for kind in KINDS:
+        n_atoms = _field(_field(meta, kind, path), "n_atoms", path, f"{kind}.n_atoms")
+        if not isinstance(n_atoms, list) or not all(type(n) is int for n in n_atoms):
+            raise ValueError(f"{path}: field '{kind}.n_atoms' must be a list of ints, got {n_atoms!r}")
+        expected |= {f"{kind}/group_{g}" for g in range(len(n_atoms))}
+        expected |= {f"{kind}/{extra}" for extra in ("error_curve", "whiten", "unwhiten")}
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise ValueError(f"{path}: tensors {unknown} are not part of the format (docs/dictionary-format.md)")
+    wrong = sorted(name for name, t in tensors.items() if t.dtype != np.float32)
+    if wrong:
+        raise ValueError(f"{path}: tensors {wrong} must be float32, got {[str(tensors[n].dtype) for n in wrong]}")
     kinds = {}
     for kind in KINDS:
         k = _field(meta, kind, path)
@@ -238,9 +269,9 @@ def _validate(d: DictionaryFile, *, source: str) -> None:
     head_dim = d.model.head_dim
     for kind in KINDS:
         k = d.kind(kind)
-        if not isinstance(k.s_n, int) or k.s_n < 1 or head_dim % k.s_n:
+        if type(k.s_n) is not int or k.s_n < 1 or head_dim % k.s_n:
             raise ValueError(f"{source}: {kind}.s_n = {k.s_n!r} must be a positive divisor of head_dim = {head_dim}")
-        if not isinstance(k.sparsity, int) or k.sparsity < 1:
+        if type(k.sparsity) is not int or k.sparsity < 1:
             raise ValueError(f"{source}: {kind}.sparsity = {k.sparsity!r} must be a positive integer")
         if len(k.layer_to_group) != d.model.n_layers:
             raise ValueError(

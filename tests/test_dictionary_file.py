@@ -72,13 +72,50 @@ def _rewrite(path, *, tensors=None, meta_edit=None, drop_meta=False):
         (dict(meta_edit=lambda m: m["values"].update(layer_to_group=[0, 0])), "has 2 entries, model.n_layers is 3"),
         (dict(meta_edit=lambda m: m["keys"].update(layer_to_group=[0, 2, 1])), "names groups \\[2\\]"),
         (dict(meta_edit=lambda m: m["values"].update(s_n=3)), "s_n = 3 must be a positive divisor of head_dim = 8"),
+        (dict(meta_edit=lambda m: m["model"].update(head_dim="8")), "'model.head_dim' = '8' has the wrong type"),
+        (dict(meta_edit=lambda m: m.update(format_version=1.0)), "format_version 1.0 is unknown"),
+        (dict(meta_edit=lambda m: m.update(format_version=True)), "format_version True is unknown"),
+        (dict(meta_edit=lambda m: m["keys"].update(sparsity=True)), "keys.sparsity = True must be a positive integer"),
+        (dict(tensors=lambda t: t.update({"keys/bonus": unit_rows(2, 8, 0)})), r"tensors \['keys/bonus'\] are not part"),
+        (dict(tensors=lambda t: t.update({"keys/group_0": t["keys/group_0"].astype(np.float16)})), "must be float32"),
+        (dict(tensors=lambda t: t.update({"keys/group_0": t["keys/group_0"].astype(np.int64)})), "must be float32"),
     ],
 )
 def test_bad_files_are_rejected_with_the_field_named(tmp_path, breakage, message):
     path = save_dictionary(tmp_path / "dict.safetensors", make_dictionary())
     _rewrite(path, **breakage)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as error:
         load_dictionary(path)
+    assert str(path) in str(error.value)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _not_safetensors(path):
+    path.write_bytes(b"this is plain text, not a dictionary file" * 10)
+
+
+def _bad_json(path):
+    t = load_file(str(path))
+    save_file(t, str(path), metadata={"csr_dictionary": "{not json"})
+
+
+@pytest.mark.parametrize("damage, message", [(_truncate, "not a readable safetensors file"),
+                                             (_not_safetensors, "not a readable safetensors file"),
+                                             (_bad_json, "is not valid JSON")])
+def test_damaged_files_are_a_value_error_naming_the_path(tmp_path, damage, message):
+    path = save_dictionary(tmp_path / "dict.safetensors", make_dictionary())
+    damage(path)
+    with pytest.raises(ValueError, match=message) as error:
+        load_dictionary(path)
+    assert str(path) in str(error.value)
+
+
+def test_a_directory_is_called_a_directory(tmp_path):
+    with pytest.raises(ValueError, match="is a directory, not a dictionary file"):
+        load_dictionary(tmp_path)
 
 
 def test_dictionary_for_another_model_is_rejected(tmp_path):
