@@ -7,10 +7,12 @@ Sources (`source` argument):
 - ``"hf:<path>[:<config>]"``, e.g. ``"hf:wikitext:wikitext-2-raw-v1"`` (the paper's calibration set):
   a Hugging Face `datasets` corpus (needs `pip install datasets` and network or a local HF cache).
   Its own train/validation/test splits are used; WikiText articles are split at `` = Title = `` lines.
-- a local text file, folder or glob (``"notes/*.txt"``): one document per file, UTF-8.
+- a local text file, folder or glob (``"notes/*.txt"``): one document per file, UTF-8. A single file
+  is cut into blocks of whole paragraphs (≥ 1 000 characters, ≥ 50 blocks where the file allows), and
+  block i goes to validation if i % 10 == 8, to test if i % 10 == 9, else to train.
 
-Splits are deterministic and by document (a hash of the document's name), so evaluation text never
-appears in calibration.
+Splits are deterministic and by document (a hash of the document's name; blocks by position), so
+evaluation text never appears in calibration.
 """
 
 from __future__ import annotations
@@ -51,7 +53,15 @@ def load_corpus(source: str = EMBEDDED_CORPUS, split: Split = "train") -> list[D
     elif source.startswith("hf:"):
         docs = _hf_documents(source, split)
     else:
-        docs = split_documents(_local_documents(source), split)
+        docs = _local_documents(source)
+        if len(docs) == 1:  # one file: its blocks are the documents
+            blocks = file_blocks(docs[0])
+            docs = [b for i, b in enumerate(blocks) if _block_split(i) == split]
+            if not docs:
+                raise ValueError(f"corpus file {source!r} gives {len(blocks)} blocks of paragraphs; splitting one file "
+                                 f"needs at least 10 (about 10 000 characters): add text, or pass a folder of files")
+        else:
+            docs = split_documents(docs, split)
     if not docs:
         raise ValueError(f"corpus {source!r} has no documents in split {split!r}: add more text")
     return docs
@@ -67,6 +77,29 @@ def split_of(name: str) -> Split:
 
 def split_documents(docs: list[Document], split: Split) -> list[Document]:
     return [d for d in docs if split_of(d.name) == split]
+
+
+_MIN_BLOCK_CHARS = 1000
+_TARGET_BLOCKS = 50
+
+
+def file_blocks(doc: Document) -> list[Document]:
+    """One file's text → blocks of whole paragraphs (blank-line separated), each ≥ the target size."""
+    paragraphs = [p for p in doc.text.split("\n\n") if p.strip()]
+    target = max(_MIN_BLOCK_CHARS, len(doc.text) // _TARGET_BLOCKS)
+    blocks, current = [], []
+    for p in paragraphs:
+        current.append(p)
+        if sum(len(q) for q in current) >= target:
+            blocks.append("\n\n".join(current))
+            current = []
+    if current:
+        blocks.append("\n\n".join(current))
+    return [Document(f"{doc.name}#block{i}", text) for i, text in enumerate(blocks)]
+
+
+def _block_split(i: int) -> Split:
+    return "validation" if i % 10 == 8 else "test" if i % 10 == 9 else "train"
 
 
 def python_docs() -> list[Document]:

@@ -43,3 +43,33 @@ def test_bad_local_corpora(tmp_path):
         load_corpus(str(tmp_path / "missing*.txt"))
     with pytest.raises(ValueError, match="split must be one of"):
         load_corpus("python-docs", "dev")
+
+
+def test_a_single_text_file_splits_by_blocks_into_three_disjoint_splits(tmp_path):
+    text = "\n\n".join(f"Paragraph {i}. " + "Some words about topic %d. " % i * 12 for i in range(200))
+    path = tmp_path / "book.txt"
+    path.write_text(text, encoding="utf-8")
+    splits = {s: load_corpus(str(path), s) for s in ("train", "validation", "test")}
+    assert all(splits.values())
+    names = [{d.name for d in docs} for docs in splits.values()]
+    assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+    assert sum(len(d.text) for docs in splits.values() for d in docs) >= len(text) - 2 * 200  # nothing lost but separators
+    assert load_corpus(str(path), "test") == splits["test"]  # deterministic
+    short = tmp_path / "short.txt"
+    short.write_text("One paragraph only. " * 20, encoding="utf-8")
+    with pytest.raises(ValueError, match="needs at least 10"):
+        load_corpus(str(short), "validation")
+
+
+def test_a_single_text_file_trains_end_to_end(tiny_model_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from csr_core.dictionary_file import load_dictionary
+    from tests.test_training import run_lightning_cli, tiny_fit_args
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(f"Section {i}. " + f"The value of item {i} is recorded here. " * 15 for i in range(300)),
+                    encoding="utf-8")
+    run_lightning_cli(tiny_fit_args(tiny_model_dir, tmp_path / "run", "--data.corpus", str(book)))
+    path = Path(capsys.readouterr().out.split("Dictionary file: ")[1].split()[0])
+    assert load_dictionary(path).keys.atoms[0].shape == (32, 16)
