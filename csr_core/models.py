@@ -137,7 +137,22 @@ def check_supported(lm: torch.nn.Module, name: str = "model") -> None:
 
 def model_fingerprint(lm: torch.nn.Module, model_id: str) -> ModelFingerprint:
     """The architecture fields a dictionary file must agree with."""
-    config = lm.config
+    return config_fingerprint(lm.config, model_id)
+
+
+def fingerprint_without_weights(model: str = EMBEDDED_MODEL) -> ModelFingerprint:
+    """The fingerprint from the model's config alone (no weights loaded): for checks before long work."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model(model))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"could not read the config of model {model!r} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"use a local folder, a hub id with network access, or {EMBEDDED_MODEL!r}") from None
+    return config_fingerprint(config, model)
+
+
+def config_fingerprint(config, model_id: str) -> ModelFingerprint:
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     return ModelFingerprint(

@@ -312,8 +312,42 @@ def _print_summary(rows: list[dict]) -> None:
         print(f"{kind:<6} mean over {len(sel)} dictionaries: k-means {k:.4f} → NeuralDict {n:.4f} ({n / k:.3f}×)")
 
 
+class NeuralDictCLI(LightningCLI):
+    """LightningCLI that checks what it can before the long work starts, and resumes honestly."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI replaces the model's settings by the checkpoint's when resuming; a setting given here
+        # that differs from the checkpoint's would be dropped without a word, so it is refused instead.
+        sub = self.config.get("subcommand")
+        given = self.config[sub].get("model") if sub else None
+        given = given.as_dict() if hasattr(given, "as_dict") else dict(given or {})
+        super()._parse_ckpt_path()
+        if not sub or not self.config[sub].get("ckpt_path"):
+            return
+        stored = self.config[sub].get("model")
+        stored = stored.as_dict() if hasattr(stored, "as_dict") else dict(stored or {})
+        differences = [f"{k}: checkpoint {stored.get(k)!r}, given {v!r}" for k, v in sorted(given.items())
+                       if k in stored and stored.get(k) != v]
+        if differences:
+            raise ValueError(
+                f"resuming from {self.config[sub].ckpt_path} continues the run it was saved from, but these model "
+                f"settings differ from the checkpoint's: {'; '.join(differences)}. Resume with the checkpoint's "
+                f"settings (trainer settings such as --trainer.max_epochs may change), or start a new run without "
+                f"--ckpt_path")
+
+    def before_fit(self) -> None:
+        # structural settings against the model's config, before minutes of KV collection
+        from csr_core.models import fingerprint_without_weights
+
+        head_dim = fingerprint_without_weights(self.datamodule.hparams.model).head_dim
+        for kind in KINDS:
+            if head_dim % self.model.s_n(kind):
+                raise ValueError(f"--model.s_n_{kind} {self.model.s_n(kind)} does not divide head_dim = {head_dim} of "
+                                 f"{self.datamodule.hparams.model!r}: use a divisor of {head_dim}")
+
+
 def run_lightning_cli(args: list[str] | None = None) -> LightningCLI:
     from neuraldict.data import KVDataModule
 
-    return LightningCLI(NeuralDict, KVDataModule, args=args, seed_everything_default=0,
-                        save_config_kwargs={"overwrite": True})
+    return NeuralDictCLI(NeuralDict, KVDataModule, args=args, seed_everything_default=0,
+                         save_config_kwargs={"overwrite": True})

@@ -145,6 +145,11 @@ def test_fit_exports_a_loadable_dictionary_and_resumes(tiny_model_dir, other_tin
                                               "--ckpt_path", str(last)))
     assert resumed.trainer.global_step == 9
 
+    # Resume with a model setting that differs from the checkpoint's: refused, every difference named.
+    with pytest.raises(ValueError, match="n_atoms: checkpoint 32, given 16"):
+        run_lightning_cli(tiny_fit_args(tiny_model_dir, tmp_path / "run4", "--ckpt_path", str(last),
+                                        "--model.n_atoms", "16"))
+
     # A checkpoint from another model is refused with a clear message. (LightningCLI restores the
     # model's hyperparameters from the checkpoint itself; the data side is ours to check.)
     with pytest.raises(ValueError, match="trained for another model or config.*n_layers"):
@@ -179,6 +184,17 @@ def test_every_config_parses(config):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "model" in run.stdout
+
+
+def test_s_n_that_does_not_divide_head_dim_fails_before_any_collection(tiny_model_dir, tmp_path):
+    from csr_core.paths import cache_root
+
+    before = sorted(p.name for p in (cache_root() / "kv").glob("*")) if (cache_root() / "kv").is_dir() else []
+    with pytest.raises(ValueError, match="--model.s_n_values 3 does not divide head_dim = 16"):
+        run_lightning_cli(tiny_fit_args(tiny_model_dir, tmp_path / "run", "--model.s_n_values", "3",
+                                        "--data.train_tokens", "2048"))
+    after = sorted(p.name for p in (cache_root() / "kv").glob("*")) if (cache_root() / "kv").is_dir() else []
+    assert after == before  # nothing was collected
 
 
 def test_attention_metric_fit_trains_on_whitened_vectors_and_exports_the_whitening(tiny_model_dir, tmp_path, capsys):
