@@ -45,7 +45,6 @@ def ksvd_dictionary(
     if len(x) == 0:
         raise ValueError("K-SVD needs at least one training vector")
     D = torch.nn.functional.normalize(init.to(x.dtype).clone(), dim=-1)
-    N = D.shape[0]
     norm = (x**2).sum()
     idx = coef = None
     for _ in tqdm(range(iterations), desc="K-SVD", disable=not progress, dynamic_ncols=True):
