@@ -2,13 +2,19 @@
 
 Layout on disk (one folder per collection, named by a hash of what determines its content):
 
-    collection.json            parameters, model fingerprint, number of windows/shards, `complete`
+    collection.json            what was asked (parameters, a hash of the model's config and weight files,
+                               a hash of the split's text), the model fingerprint, per shard its size
+                               and SHA-256, and `complete`; rewritten atomically after every shard
     shard_00000.npy ...        fp16 array (2, n_layers, tokens_in_shard, n_kv_heads, head_dim);
                                index 0 = pre-RoPE keys, 1 = values
 
 `shard[kind, layer]` is one contiguous block, so `KVCollection.vectors(layer, kind)` reads a layer
-through memory maps without touching the others. Shards are written to a temp name and renamed, so
-a half-written shard is never read; re-running the same collection resumes after the last full one.
+through memory maps without touching the others. Shards are written to a temp name and renamed.
+Every reuse checks each shard's size against the manifest; `verify=True` (`neuraldict collect --verify`,
+and always before training) also checks its SHA-256. A missing, truncated or altered shard is deleted
+and collected again (the collection resumes from there), never used; non-finite keys or values are an
+error that names the shard. The folder name hashes everything that shapes the shards, so a changed
+model, corpus text or parameter starts a new collection.
 """
 
 from __future__ import annotations
@@ -82,8 +88,39 @@ def capture_kv(lm: torch.nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tens
     return torch.stack(keys), torch.stack(values)
 
 
-def collection_dir(*, model: str, corpus: str, split: str, max_tokens: int, window: int, root: Path | None = None):
-    params = dict(model=model, corpus=corpus, split=split, max_tokens=max_tokens, window=window)
+def model_source_hash(model: str) -> str:
+    """SHA-256 over the model folder's config.json and, per weight file, its name, size and first and last MiB
+    (hashing many GB whole would cost more than it protects); a hub id is hashed as its name."""
+    from csr_core.models import resolve_model
+
+    folder = Path(resolve_model(model))
+    h = hashlib.sha256()
+    if not (folder / "config.json").is_file():
+        h.update(model.encode())
+        return h.hexdigest()[:16]
+    h.update((folder / "config.json").read_bytes())
+    for f in sorted(folder.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".gguf", ".pt"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(2**20))
+                fh.seek(max(size - 2**20, 0))
+                h.update(fh.read(2**20))
+    return h.hexdigest()[:16]
+
+
+def corpus_hash(docs: list[Document]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(d.name.encode() + b"\0" + d.text.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def collection_dir(*, model: str, corpus: str, split: str, max_tokens: int, window: int, root: Path | None = None,
+                   **shaping):
+    """The folder of a collection: named by a hash of every input that shapes its shards."""
+    params = dict(model=model, corpus=corpus, split=split, max_tokens=max_tokens, window=window, **shaping)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in Path(model).name)
     return (root or cache_root() / "kv") / f"{slug}-{split}-{digest}", params
@@ -100,6 +137,7 @@ def collect_kv(
     output_root: str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    verify: bool = False,
 ) -> "KVCollection":
     """Collect pre-RoPE keys and values of every layer on `split` of `corpus`; resumable.
 
@@ -114,54 +152,77 @@ def collect_kv(
         output_root: folder for collections (default: <cache>/kv).
         device: "cpu", "cuda" or "cuda:N".
         dtype: the model's dtype, "float32", "bfloat16" or "float16" (shards are stored in float16 either way).
+        verify: also check every stored shard's SHA-256 (sizes are always checked); damaged shards are re-collected.
     """
+    docs = load_corpus(corpus, split)
     path, params = collection_dir(
         model=model, corpus=corpus, split=split, max_tokens=max_tokens, window=window,
-        root=Path(output_root) if output_root else None,
+        windows_per_shard=windows_per_shard, dtype=dtype, model_hash=model_source_hash(model),
+        corpus_hash=corpus_hash(docs), root=Path(output_root) if output_root else None,
     )
     manifest_path = path / _MANIFEST
-    if manifest_path.is_file() and json.loads(manifest_path.read_text()).get("complete"):
-        print(f"KV collection already complete: {path}")
-        return KVCollection(path)
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if manifest is not None and manifest.get("params") != params:  # a folder of another collection: start anew
+        manifest = None
+    if manifest is not None:
+        bad = damaged_shards(path, manifest, verify=verify)
+        for i in bad:
+            print(f"KV shard {path / _shard_name(i)} is missing or damaged: collecting it again")
+            (path / _shard_name(i)).unlink(missing_ok=True)
+            manifest["shards"].pop(str(i), None)
+            manifest["complete"] = False
+        if manifest.get("complete"):
+            print(f"KV collection already complete{' (checksums verified)' if verify else ''}: {path}")
+            return KVCollection(path)
 
     lm, tokenizer = load_model(model, device=device, dtype=dtype)
     fingerprint = model_fingerprint(lm, model)
-    windows = token_windows(
-        tokenizer, load_corpus(corpus, split), window=window, max_tokens=max_tokens, source=f"corpus {corpus!r} ({split})"
-    )
+    windows = token_windows(tokenizer, docs, window=window, max_tokens=max_tokens, source=f"corpus {corpus!r} ({split})")
     n_shards = -(-len(windows) // windows_per_shard)
-    manifest = {
-        "params": params,
-        "model": asdict(fingerprint),
-        "n_windows": len(windows),
-        "windows_per_shard": windows_per_shard,
-        "n_shards": n_shards,
-        "shard_layout": "(kind[keys, values], layer, token, kv_head, head_dim) float16, keys before RoPE",
-        "complete": False,
-    }
-    path.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = {
+            "params": params,
+            "model": asdict(fingerprint),
+            "n_windows": len(windows),
+            "windows_per_shard": windows_per_shard,
+            "n_shards": n_shards,
+            "shard_layout": "(kind[keys, values], layer, token, kv_head, head_dim) float16, keys before RoPE",
+            "shards": {},
+            "complete": False,
+        }
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob("shard_*"):  # shards without a record here cannot be trusted
+            stale.unlink()
     _write_json(manifest_path, manifest)
 
-    done = sum((path / _shard_name(i)).is_file() for i in range(n_shards))
+    done = len(manifest["shards"])
     started, new_tokens = time.perf_counter(), 0
     bar = tqdm(total=len(windows) * window, initial=done * windows_per_shard * window, unit="tok",
                desc=f"Collecting KV ({split})", dynamic_ncols=True)
     for shard in range(n_shards):
         target = path / _shard_name(shard)
-        if target.is_file():
+        if str(shard) in manifest["shards"]:
             continue
         shard_windows = windows[shard * windows_per_shard : (shard + 1) * windows_per_shard]
         parts = []
         for batch in shard_windows.split(batch_size):
-            k, v = capture_kv(lm, batch.to(device))  # (L, B, T, H, d) each
+            k, v = capture_kv(lm, batch.to(lm.device))  # (L, B, T, H, d) each
             kv = torch.stack([k, v]).flatten(2, 3)  # (2, L, B·T, H, d)
             parts.append(kv.to(torch.float16).cpu().numpy())
             bar.update(batch.numel())
             new_tokens += batch.numel()
+        array = np.concatenate(parts, axis=2)
+        finite = np.isfinite(array).all(axis=(2, 3, 4))  # (kind, layer)
+        if not finite.all():
+            kind, layer = map(int, np.argwhere(~finite)[0])
+            raise ValueError(f"KV shard {target}: the model produced non-finite {list(KIND_INDEX)[kind]} in layer {layer} "
+                             f"(float16 overflow or a broken model); nothing was stored for this shard")
         tmp = target.with_suffix(".tmp")
         with open(tmp, "wb") as f:
-            np.save(f, np.concatenate(parts, axis=2))
+            np.save(f, array)
         os.replace(tmp, target)
+        manifest["shards"][str(shard)] = {"bytes": target.stat().st_size, "sha256": _sha256(target)}
+        _write_json(manifest_path, manifest)
     bar.close()
     elapsed = time.perf_counter() - started
     manifest["complete"] = True
@@ -184,6 +245,11 @@ class KVCollection:
         if not self.manifest.get("complete"):
             raise ValueError(f"KV collection {self.path} is incomplete: run the same `neuraldict collect` to resume")
         self.model = ModelFingerprint(**self.manifest["model"])
+        bad = damaged_shards(self.path, self.manifest, verify=False)
+        if bad:
+            raise ValueError(f"KV collection {self.path}: shard {self.path / _shard_name(bad[0])} is missing or does not "
+                             f"have the size its manifest records: run the same `neuraldict collect` (or fit) again to "
+                             f"collect it anew")
         self._shards = [
             np.load(self.path / _shard_name(i), mmap_mode="r") for i in range(self.manifest["n_shards"])
         ]
@@ -204,6 +270,32 @@ class KVCollection:
     def __repr__(self) -> str:
         m = self.model
         return f"KVCollection({self.path}, tokens={self.n_tokens}, layers={m.n_layers}, kv_heads={m.n_kv_heads}, d_h={m.head_dim})"
+
+
+def damaged_shards(path: Path, manifest: dict, *, verify: bool) -> list[int]:
+    """Indices of the shards a manifest lists as done whose file is missing, of another size, or (verify) of
+    another SHA-256; in a complete manifest, shards with no record at all count as damaged too."""
+    records = manifest.get("shards")
+    if records is None:  # written before manifests recorded shards: nothing can be trusted
+        return list(range(manifest.get("n_shards", 0)))
+    bad = []
+    for i in range(manifest.get("n_shards", 0)):
+        record, f = records.get(str(i)), path / _shard_name(i)
+        if record is None:
+            if manifest.get("complete"):
+                bad.append(i)
+            continue
+        if not f.is_file() or f.stat().st_size != record["bytes"] or (verify and _sha256(f) != record["sha256"]):
+            bad.append(i)
+    return bad
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _shard_name(i: int) -> str:

@@ -90,7 +90,7 @@ class KVDataModule(L.LightningDataModule):
     def _collect(self, split: str, tokens: int) -> KVCollection:
         h = self.hparams
         return collect_kv(model=h.model, corpus=h.corpus, split=split, max_tokens=tokens, window=h.window,
-                          device=h.collect_device, dtype=h.collect_dtype)
+                          device=h.collect_device, dtype=h.collect_dtype, verify=True)  # checksums before training
 
     def prepare_data(self) -> None:
         self._collect("train", self.hparams.train_tokens)

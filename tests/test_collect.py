@@ -102,3 +102,68 @@ def test_tests_collect_into_a_private_cache_not_the_users(private_cache_dir, tin
     assert cache_root() == private_cache_dir
     collection = collect_kv(model=str(tiny_model_dir), max_tokens=128, window=64)
     assert Path(collection.path).resolve().is_relative_to(private_cache_dir.resolve())
+
+
+def _tiny_collection(tiny_model_dir, tmp_path, corpus, **extra):
+    kwargs = dict(model=str(tiny_model_dir), corpus=str(corpus), max_tokens=256, window=32, windows_per_shard=2,
+                  batch_size=2, output_root=str(tmp_path / "kv"), **extra)
+    return collect_kv(**kwargs), kwargs
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"doc{i}.txt").write_text(f"Document {i} says something about number {i}. " * 20, encoding="utf-8")
+    return folder
+
+
+def _damage_truncate(f):
+    f.write_bytes(f.read_bytes()[:-1000])
+
+
+def _damage_zero_fill(f):
+    data = bytearray(f.read_bytes())
+    data[200:2200] = bytes(2000)
+    f.write_bytes(bytes(data))
+
+
+def _damage_nan(f):
+    data = bytearray(f.read_bytes())
+    data[300:310] = np.full(5, np.nan, dtype=np.float16).tobytes()
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, verify", [(_damage_truncate, False), (_damage_zero_fill, True), (_damage_nan, True),
+                                            (lambda f: f.unlink(), False)])
+def test_a_damaged_shard_is_collected_again_never_used(tiny_model_dir, tmp_path, text_corpus, damage, verify):
+    collection, kwargs = _tiny_collection(tiny_model_dir, tmp_path, text_corpus)
+    shard = collection.path / "shard_00002.npy"
+    good = np.load(shard).copy()
+    damage(shard)
+    if damage is _damage_truncate:  # reading without re-collecting names the shard instead of failing inside mmap
+        with pytest.raises(ValueError, match="shard_00002.npy is missing or does not have the size"):
+            KVCollection(collection.path)
+    repaired = collect_kv(**kwargs, verify=verify)
+    np.testing.assert_array_equal(np.load(repaired.path / "shard_00002.npy"), good)
+    assert np.isfinite(repaired.vectors(1, "keys").astype(np.float32)).all()
+
+
+def test_changed_inputs_start_a_new_collection(tiny_model_dir, tmp_path, text_corpus):
+    first, kwargs = _tiny_collection(tiny_model_dir, tmp_path, text_corpus)
+    other_sharding = collect_kv(**{**kwargs, "windows_per_shard": 3})
+    assert other_sharding.path != first.path and other_sharding.n_tokens == first.n_tokens == 256
+    for f in text_corpus.glob("doc*.txt"):  # the same corpus name, edited text
+        f.write_text(f.read_text() + " An edit.", encoding="utf-8")
+    edited = collect_kv(**kwargs)
+    assert edited.path not in (first.path, other_sharding.path)
+
+
+def test_non_finite_keys_are_an_error_naming_the_shard(tiny_model_dir, tmp_path, text_corpus, monkeypatch):
+    import neuraldict.collect as collect
+
+    real = collect.capture_kv
+    monkeypatch.setattr(collect, "capture_kv", lambda lm, ids: tuple(t * float("inf") for t in real(lm, ids)))
+    with pytest.raises(ValueError, match=r"shard_00000.npy: the model produced non-finite keys in layer 0"):
+        _tiny_collection(tiny_model_dir, tmp_path, text_corpus)
