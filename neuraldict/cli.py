@@ -24,6 +24,16 @@ def export(ckpt_path: str, output: str | None = None) -> None:
     print(export_checkpoint(ckpt_path, output))
 
 
+def fit(config: str = "configs/llama.yaml") -> None:
+    """Train the dictionaries (LightningCLI; `neuraldict fit --help` lists every option): collection, merging,
+    NeuralDict training and export of the dictionary file. The same as `lightning fit --config ...`.
+
+    Args:
+        config: the experiment's YAML (configs/llama.yaml is the embedded default).
+    """
+    lightning_main(["fit", "--config", config])
+
+
 def lightning_main(args: list[str] | None = None) -> None:
     """The `lightning` console script: a LightningCLI over NeuralDict and the KV DataModule."""
     from neuraldict.training import run_lightning_cli
@@ -41,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     from neuraldict.collect import collect_kv
     from neuraldict.compare import compare
 
-    CLI({"collect": collect_kv, "export": export, "allocate": allocate, "compare": compare}, args=argv, as_positional=False)
+    # "fit" and the other Lightning subcommands are routed above; listed here so that --help shows them
+    CLI({"fit": fit, "collect": collect_kv, "export": export, "allocate": allocate, "compare": compare}, args=argv,
+        as_positional=False)
 
 
 if __name__ == "__main__":

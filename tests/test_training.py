@@ -218,3 +218,13 @@ def test_attention_metric_fit_trains_on_whitened_vectors_and_exports_the_whiteni
     last = next((tmp_path / "run").rglob("last.ckpt"))  # the checkpoint carries the whitening for a later export
     again = load_dictionary(export_checkpoint(str(last), str(tmp_path / "again.safetensors")))
     np.testing.assert_array_equal(again.keys.whiten, d.keys.whiten)
+
+
+def test_neuraldict_help_lists_fit_and_every_subcommand(capsys):
+    from neuraldict.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fit", "collect", "export", "allocate", "compare"))
