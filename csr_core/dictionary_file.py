@@ -178,9 +178,47 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
     return path
 
 
-def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None = None) -> DictionaryFile:
-    """Read and validate a dictionary file; with `model`, also check it was made for that model."""
-    path = Path(path)
+HUB_FILENAME = "dictionary.safetensors"
+
+
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """`org/name` that is not a local path: a Hugging Face Hub repository."""
+    text = str(source)
+    parts = text.split("/")
+    return (not Path(text).expanduser().exists() and len(parts) == 2 and all(parts)
+            and not text.startswith((".", "~")) and not text.endswith((".safetensors", ".st")))
+
+
+def resolve_dictionary(source: str | os.PathLike, *, revision: str | None = None, filename: str = HUB_FILENAME) -> Path:
+    """A local path as is; a Hub repo id (`org/name`) → the file from the Hugging Face cache, downloaded if
+    needed (`huggingface_hub`, which honours HF_HUB_OFFLINE, HF_HUB_CACHE and HF_TOKEN)."""
+    if not is_hub_id(source):
+        return Path(source).expanduser()
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub comes with transformers and mlx-lm
+        raise ValueError(f"{source!r} looks like a Hub repo id: `pip install huggingface_hub` to load it") from None
+    try:
+        return Path(hf_hub_download(str(source), filename, revision=revision))
+    except LocalEntryNotFoundError:
+        raise ValueError(
+            f"dictionary {source!r} ({filename}{f' @ {revision}' if revision else ''}) is not in the local Hugging Face "
+            f"cache and the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1): run once with network, or pass a "
+            f"local file") from None
+    except RepositoryNotFoundError:
+        raise ValueError(f"dictionary {source!r}: no such Hub repository (or it is private: log in with "
+                         f"`huggingface-cli login`)") from None
+    except EntryNotFoundError:
+        raise ValueError(f"Hub repository {source!r} has no file {filename!r}: pass filename= the dictionary's "
+                         f"name in that repository") from None
+
+
+def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None = None, revision: str | None = None,
+                    filename: str = HUB_FILENAME) -> DictionaryFile:
+    """Read and validate a dictionary file (a local path, or a Hub repo id `org/name` with optional `revision`
+    and `filename`); with `model`, also check it was made for that model."""
+    path = resolve_dictionary(path, revision=revision, filename=filename)
     if path.is_dir():
         raise ValueError(f"{path} is a directory, not a dictionary file: pass the dictionary.safetensors inside it")
     if not path.is_file():
