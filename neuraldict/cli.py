@@ -24,6 +24,32 @@ def export(ckpt_path: str, output: str | None = None) -> None:
     print(export_checkpoint(ckpt_path, output))
 
 
+def push(dictionary: str, repo: str, private: bool = False, api=None) -> str:
+    """Upload a dictionary file and its model card to the Hugging Face Hub (needs network and a login).
+
+    Args:
+        dictionary: the dictionary file (its card, `<name>.card.md`, is written next to it if missing).
+        repo: the Hub repository, `org/name` (created if it does not exist).
+        private: create the repository private.
+    Returns the repository URL. Load it back with `CSRCache(model, "org/name")`.
+    """
+    from huggingface_hub import HfApi
+
+    from csr_core.dictionary_file import HUB_FILENAME, load_dictionary
+    from neuraldict.model_card import card_path, write_card
+
+    loaded = load_dictionary(dictionary)  # a broken file is refused before anything is uploaded
+    card = card_path(dictionary)
+    if not card.is_file():
+        write_card(dictionary, loaded)
+    api = api or HfApi()
+    url = api.create_repo(repo, private=private, exist_ok=True)
+    api.upload_file(path_or_fileobj=str(dictionary), path_in_repo=HUB_FILENAME, repo_id=repo)
+    api.upload_file(path_or_fileobj=str(card), path_in_repo="README.md", repo_id=repo)
+    print(f"Pushed {dictionary} to {url}; load it with CSRCache(model, {repo!r})")
+    return str(url)
+
+
 def fit(config: str = "configs/llama.yaml") -> None:
     """Train the dictionaries (LightningCLI; `neuraldict fit --help` lists every option): collection, merging,
     NeuralDict training and export of the dictionary file. The same as `lightning fit --config ...`.
@@ -52,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     from neuraldict.compare import compare
 
     # "fit" and the other Lightning subcommands are routed above; listed here so that --help shows them
-    CLI({"fit": fit, "collect": collect_kv, "export": export, "allocate": allocate, "compare": compare}, args=argv,
-        as_positional=False)
+    CLI({"fit": fit, "collect": collect_kv, "export": export, "allocate": allocate, "compare": compare, "push": push},
+        args=argv, as_positional=False)
 
 
 if __name__ == "__main__":

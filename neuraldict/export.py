@@ -43,7 +43,11 @@ def export_checkpoint(ckpt_path: str, output: str | None = None) -> Path:
     provenance = {"checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
     dictionary = structure_dictionary(atoms, checkpoint[CHECKPOINT_KEY], provenance, checkpoint.get(WHITENING_KEY))
     output = Path(output) if output else Path(ckpt_path).with_suffix(".safetensors")
-    return save_dictionary(output, dictionary)
+    from neuraldict.model_card import write_card
+
+    path = save_dictionary(output, dictionary)
+    write_card(path, dictionary)
+    return path
 
 
 def _escape(name: str) -> str:

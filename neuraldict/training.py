@@ -248,7 +248,11 @@ class NeuralDict(L.LightningModule):
         curves = error_curves(dictionary, validation.vectors, max_sparsity=self.hparams.allocation_max_sparsity)
         for kind in KINDS:
             dictionary.kind(kind).error_curve = curves[kind]
-        return save_dictionary(path, dictionary)
+        from neuraldict.model_card import write_card
+
+        path = save_dictionary(path, dictionary)
+        write_card(path, dictionary)
+        return path
 
     def _names(self) -> list[str]:
         return [f"{kind}/group_{g}" for kind in KINDS for g in range(max(self.structure[kind]["layer_to_group"]) + 1)]

@@ -62,3 +62,44 @@ def test_local_paths_are_never_taken_for_hub_ids(tmp_path, monkeypatch):
     assert not is_hub_id("runs/d.safetensors") and not is_hub_id("./x/y") and not is_hub_id("runs")
     assert is_hub_id("org/name") and not is_hub_id("a/b/c")
     assert load_dictionary("runs/d.safetensors").model == FP
+
+
+def test_exported_dictionaries_carry_a_model_card_with_the_fields_users_need(tmp_path):
+    from neuraldict.model_card import card_path, model_card, write_card
+
+    d = make_dictionary()
+    d.provenance.update(corpus="python-docs", train_tokens=16384, global_step=400)
+    path = save_dictionary(tmp_path / "dictionary.safetensors", d)
+    card = write_card(path, d, command="lightning fit --config configs/llama.yaml").read_text()
+    assert card_path(path).name == "dictionary.card.md"
+    for field in ("base_model: tiny", "| `tiny` | 3 | 2 | 8 |", "`python-docs`, 16384 tokens", "steps: 400",
+                  "lightning fit --config configs/llama.yaml", "| keys | 2 | 16 | 1 |", "| values | 1 | 20 | 2 |"):
+        assert field in card, field
+    # paper layout: 32 · s · s_n / d_h for keys (s_n 1) and values (s_n 2, s / 2 per chunk), averaged
+    assert "| 4 | 16.00 |" in model_card(d)
+
+
+def test_push_uploads_the_file_and_its_card(tmp_path):
+    from neuraldict.cli import push
+
+    class FakeApi:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, repo, private, exist_ok):
+            self.calls.append(("create", repo, private))
+            return f"https://huggingface.co/{repo}"
+
+        def upload_file(self, path_or_fileobj, path_in_repo, repo_id):
+            self.calls.append(("upload", path_in_repo, repo_id, path_or_fileobj))
+
+    path = save_dictionary(tmp_path / "dictionary.safetensors", make_dictionary())
+    api = FakeApi()
+    assert push(str(path), "someone/csr-tiny", api=api) == "https://huggingface.co/someone/csr-tiny"
+    assert [c[:3] for c in api.calls] == [("create", "someone/csr-tiny", False),
+                                         ("upload", "dictionary.safetensors", "someone/csr-tiny"),
+                                         ("upload", "README.md", "someone/csr-tiny")]
+    assert api.calls[2][3].endswith("dictionary.card.md")
+    (tmp_path / "broken.safetensors").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        push(str(tmp_path / "broken.safetensors"), "someone/x", api=FakeApi())
