@@ -14,6 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
 from csr_core.corpus import EMBEDDED_CORPUS
 from csr_core.dictionary_file import KINDS
@@ -157,7 +158,8 @@ class KVDataModule(L.LightningDataModule):
             return np.load(cached)
         g = torch.Generator().manual_seed(0)
         layers = []
-        for layer in range(collection.model.n_layers):
+        for layer in tqdm(range(collection.model.n_layers), desc=f"Layer merging: sampling {kind}", unit="layer",
+                          dynamic_ncols=True):
             v = collection.vectors(layer, kind)
             pick = torch.randperm(len(v), generator=g)[: h.merge_sample].sort().values.numpy()
             layers.append(torch.from_numpy(v[pick].astype(np.float32)))

@@ -42,7 +42,7 @@ def model_card(d: DictionaryFile, *, command: str | None = None) -> str:
         "Dictionaries for a CSR (Cache Sparse Representation) KV cache: `CSRCache(model, \"<this repo or file>\")` "
         "(PyTorch) or `make_csr_cache(model, ...)` (MLX), package `csr-neuraldict`.", "",
         "## Base model", "",
-        f"| model | layers | KV heads | head_dim | RoPE θ | RoPE type |", "|---|---|---|---|---|---|",
+        "| model | layers | KV heads | head_dim | RoPE θ | RoPE type |", "|---|---|---|---|---|---|",
         f"| `{m.model_id}` | {m.n_layers} | {m.n_kv_heads} | {m.head_dim} | {m.rope_theta:g} | {m.rope_type} |", "",
         "## Training", "",
         f"- trainer: {p.get('trainer', 'unknown')}, steps: {p.get('global_step', 'unknown')}, exported {p.get('exported', '?')}",

@@ -24,6 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LightningCLI
+from tqdm.auto import tqdm
 
 from csr_core.dictionary_file import INDEX_LIMIT, KINDS, save_dictionary
 from csr_runtime.sparse_coding import sparse_decode, sparse_encode, split_chunks
@@ -152,7 +153,8 @@ class NeuralDict(L.LightningModule):
         if len(self.dictionaries):
             return
         g = torch.Generator().manual_seed(0)
-        for name, pool in dm.train_pools.items():
+        for name, pool in tqdm(dm.train_pools.items(), desc="k-means initialisation", unit="dictionary",
+                               total=len(dm.train_pools), dynamic_ncols=True):
             chunks = self.chunks(name, pool)
             sample = chunks[torch.randperm(len(chunks), generator=g)[: self.hparams.kmeans_vectors]].float()
             if len(sample) < self.hparams.n_atoms:
