@@ -92,9 +92,11 @@ def check_device(device: str) -> str:
     except RuntimeError:
         raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use the CPU (--device cpu; in lightning fit: --data.collect_device cpu)")
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA GPU here; use the CPU "
+                         f"(--device cpu; in lightning fit: --data.collect_device cpu)")
     if kind == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} asked for, but MPS is not available here; use the CPU (--device cpu; in lightning fit: --data.collect_device cpu)")
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here; use the CPU "
+                         f"(--device cpu; in lightning fit: --data.collect_device cpu)")
     return device
 
 
