@@ -17,6 +17,8 @@ from typing import Literal
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from csr_runtime.batch_rows import BatchRowsMixin
+
 
 def quantize(x: torch.Tensor, bits: int):
     """Asymmetric uniform quantisation over the last axis (one group).
@@ -49,7 +51,7 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ((packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)).flatten(-2).to(torch.uint8)
 
 
-class KIVILayer(CacheLayerMixin):
+class KIVILayer(BatchRowsMixin, CacheLayerMixin):
     is_sliding = False
     is_croppable = True  # within the full-precision residual (assisted decoding); deeper crops raise
 
@@ -133,22 +135,7 @@ class KIVILayer(CacheLayerMixin):
                 f"(assisted decoding: num_assistant_tokens), or DynamicCache")
         self.keys, self.values = self.keys[..., : keep - self.n_quantized, :], self.values[..., : keep - self.n_quantized, :]
 
-    # -- batch rows: beam search, assisted decoding, contrastive search ------------------------------
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select_rows(torch.arange(self.keys.shape[0]).repeat_interleave(repeats))
-
-    def _select_rows(self, rows) -> None:
-        if not self.is_initialized:
-            return
-        rows = torch.as_tensor(rows, device=self.device)
-        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
+    def _take_rows(self, rows: torch.LongTensor) -> None:
         self.keys, self.values = self.keys.index_select(0, rows), self.values.index_select(0, rows)
         self.quantized = {kind: [t.index_select(0, rows) for t in parts] for kind, parts in self.quantized.items()}
 

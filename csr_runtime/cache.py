@@ -37,6 +37,7 @@ from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_core.models import check_supported, model_fingerprint
 from csr_core.options import check_cache_options
+from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
     CoefFormat,
@@ -87,7 +88,7 @@ class _KindStore:
         return None if fmt == "int8" else (lambda c: quantize_coefficients(c, fmt, self.scale))
 
 
-class CSRLayer(CacheLayerMixin):
+class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     """One layer's CSR cache. Sequence slots, per row: [sinks (exact)] [coded] [window (exact)]."""
 
     is_sliding = False
@@ -191,23 +192,8 @@ class CSRLayer(CacheLayerMixin):
         self.stats = dict.fromkeys(self.stats, 0)
         self.is_initialized = False
 
-    # -- batch rows: beam search, assisted decoding, contrastive search ------------------------------
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self._select_rows(torch.arange(self.n_pad.shape[0]).repeat_interleave(repeats))
-
-    def _select_rows(self, rows) -> None:
+    def _take_rows(self, rows: torch.LongTensor) -> None:
         """Row i of the cache becomes old row rows[i]: its window, sinks, codes and its own extra atoms."""
-        if not self.is_initialized:
-            return
-        rows = torch.as_tensor(rows, device=self.device)
-        rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.long()
         pick = lambda t: t.index_select(0, rows)
         self.keys, self.values = pick(self.keys), pick(self.values)
         self.sink_keys, self.sink_values, self.n_pad = pick(self.sink_keys), pick(self.sink_values), pick(self.n_pad)
