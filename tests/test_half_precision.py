@@ -10,10 +10,14 @@ from tests.conftest import tiny_llama
 from tests.test_cache import PACKED_FP16, complete_dictionary, random_dictionary
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_exact_csr_cache_on_a_half_precision_model_matches_dynamic_cache(dtype):
-    lm = tiny_llama(n_layers=2).to(dtype)
-    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU cases cover the same logic)")
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16), ("cpu", torch.float16),
+                                          pytest.param("cuda", torch.bfloat16, marks=[pytest.mark.cuda, CUDA])])
+def test_exact_csr_cache_on_a_half_precision_model_matches_dynamic_cache(device, dtype):
+    lm = tiny_llama(n_layers=2).to(device, dtype)
+    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
     cache = CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, window=3, sink_tokens=2, **PACKED_FP16)
     reference = DynamicCache()
     with torch.no_grad():
@@ -26,6 +30,7 @@ def test_exact_csr_cache_on_a_half_precision_model_matches_dynamic_cache(dtype):
             torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=0)
     keys, values = cache.layers[0].read_back()
     assert keys.dtype == values.dtype == dtype
+    assert all(t.device.type == device for layer in cache.layers for t in layer.held_tensors())
 
 
 @pytest.mark.parametrize("make", ["csr", "kivi"])
@@ -41,18 +46,3 @@ def test_lossy_caches_generate_on_a_bf16_model(make):
     assert torch.isfinite(step).all() and out.logits.dtype == torch.bfloat16
     # the compressed past changes the last logits, but not beyond recognition: same scale as exact
     assert (step[0, -1] - full[0, -1]).abs().mean() < full[0, -1].abs().mean()
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU tests above cover the same logic)")
-def test_exact_csr_cache_on_cuda_in_bf16_matches_dynamic_cache():
-    lm = tiny_llama(n_layers=2).to("cuda", torch.bfloat16)
-    ids = torch.randint(1, 128, (2, 20), generator=torch.Generator().manual_seed(0)).cuda()
-    cache = CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, window=3, sink_tokens=2, **PACKED_FP16)
-    reference = DynamicCache()
-    with torch.no_grad():
-        for part in (ids[:, :12], ids[:, 12:13], ids[:, 13:]):
-            expected = lm(part, past_key_values=reference).logits
-            got = lm(part, past_key_values=cache).logits
-            torch.testing.assert_close(got.float(), expected.float(), atol=3e-2, rtol=0)
-    assert all(t.device.type == "cuda" for layer in cache.layers for t in layer.held_tensors())
