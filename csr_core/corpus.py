@@ -144,11 +144,13 @@ def _stdlib_docstrings() -> list[Document]:
 def _local_documents(source: str) -> list[Document]:
     path = Path(source).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
+        root, files = path, sorted(p for p in path.rglob("*") if p.is_file())
     elif path.is_file():
-        files = [path]
+        root, files = path.parent, [path]
     else:
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+        pattern = os.path.expanduser(source)
+        root = Path(pattern.split("*")[0].split("?")[0].split("[")[0]).parent if glob.has_magic(pattern) else Path(pattern)
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
     if not files:
         raise ValueError(
             f"corpus {source!r} is not {EMBEDDED_CORPUS!r}, an 'hf:<dataset>' name, nor an existing file, "
@@ -162,7 +164,8 @@ def _local_documents(source: str) -> list[Document]:
             raise ValueError(f"corpus file {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not text.strip():
             raise ValueError(f"corpus file {f} is empty")
-        docs.append(Document(str(f), text))
+        # named relative to the corpus root: a folder's split does not change when the folder moves
+        docs.append(Document(f.relative_to(root).as_posix() if f.is_relative_to(root) else str(f), text))
     return docs
 
 

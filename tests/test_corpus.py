@@ -28,6 +28,13 @@ def test_local_files(tmp_path):
     train = load_corpus(str(tmp_path / "*.txt"), "train")
     test = load_corpus(str(tmp_path), "test")
     assert train and test and not ({d.name for d in train} & {d.name for d in test})
+    # documents are named relative to the corpus root, so the split does not depend on where the folder lies
+    assert len(test) == 4 and all(d.name.startswith("note") and "/" not in d.name for d in test)
+    moved = tmp_path / "elsewhere" / "deeper"
+    moved.mkdir(parents=True)
+    for f in tmp_path.glob("note*.txt"):
+        f.rename(moved / f.name)
+    assert [d.name for d in load_corpus(str(moved), "test")] == [d.name for d in test]
 
 
 def test_bad_local_corpora(tmp_path):
