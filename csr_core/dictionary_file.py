@@ -89,6 +89,7 @@ class DictionaryFile:
     keys: KindDictionaries
     values: KindDictionaries
     provenance: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)  # the cache settings this file was evaluated with (RUNTIME_KEYS)
 
     def kind(self, kind: str) -> KindDictionaries:
         if kind not in KINDS:
@@ -156,6 +157,8 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
         "model": asdict(dictionary.model),
         "provenance": dictionary.provenance,
     }
+    if dictionary.runtime:
+        meta["runtime"] = dict(dictionary.runtime)
     for kind in KINDS:
         d = dictionary.kind(kind)
         meta[kind] = {
@@ -179,6 +182,9 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
 
 
 HUB_FILENAME = "dictionary.safetensors"
+# cache settings a file may carry (`runtime`): the ones it was evaluated with, used when a caller gives none
+RUNTIME_KEYS = ("sparsity", "sparsity_keys", "sparsity_values", "code_bits_per_channel", "key_weight", "online_atoms",
+                "guard_atoms", "guard_threshold", "window", "sink_tokens", "coef_format")
 
 
 def is_hub_id(source: str | os.PathLike) -> bool:
@@ -290,7 +296,10 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
         for g, (n, a) in enumerate(zip(n_atoms, atoms)):
             if a.shape[0] != n:
                 raise ValueError(f"{path}: {kind}.n_atoms[{g}] = {n} but tensor {kind}/group_{g} has {a.shape[0]} rows")
-    dictionary = DictionaryFile(fingerprint, kinds["keys"], kinds["values"], meta.get("provenance", {}))
+    runtime = meta.get("runtime", {})
+    if not isinstance(runtime, dict) or set(runtime) - set(RUNTIME_KEYS):
+        raise ValueError(f"{path}: field 'runtime' must be a dict with keys from {list(RUNTIME_KEYS)}, got {runtime!r}")
+    dictionary = DictionaryFile(fingerprint, kinds["keys"], kinds["values"], meta.get("provenance", {}), runtime)
     _validate(dictionary, source=str(path))
     if model is not None:
         dictionary.check_model(model, path=path)

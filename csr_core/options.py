@@ -5,10 +5,31 @@ from __future__ import annotations
 
 import warnings
 
+from csr_core import defaults
 from csr_core.code_layout import COEF_FORMATS, CodeLayout, row_index_bits
 
 METHODS = ("mp", "omp")
 SAMPLINGS = ("reverse", "uniform")
+
+
+SPARSITY_OPTIONS = ("sparsity", "sparsity_keys", "sparsity_values", "code_bits_per_channel")
+DEFAULTS = {"key_weight": defaults.KEY_WEIGHT, "online_atoms": defaults.ONLINE_ATOMS, "guard_atoms": defaults.GUARD_ATOMS,
+            "guard_threshold": defaults.GUARD_THRESHOLD, "window": defaults.WINDOW, "sink_tokens": defaults.SINK_TOKENS,
+            "coef_format": defaults.COEF_FORMAT}
+
+
+def with_file_settings(given: dict, runtime: dict | None) -> dict:
+    """The cache options in force: each one the caller gave (not None), else the dictionary file's `runtime`
+    setting, else `csr_core.defaults`. The sparsity options go together: a caller who names any of them
+    gets none of the file's."""
+    runtime = runtime or {}
+    out = dict(given)
+    if all(given.get(k) is None for k in SPARSITY_OPTIONS):
+        out.update({k: runtime.get(k) for k in SPARSITY_OPTIONS})
+    for name, default in DEFAULTS.items():
+        if out.get(name) is None:
+            out[name] = runtime.get(name, default)
+    return out
 
 
 def _count(name: str, value) -> None:

@@ -36,7 +36,7 @@ from csr_core.allocation import resolve_sparsity
 from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_core.models import check_supported, model_fingerprint
-from csr_core.options import check_cache_options
+from csr_core.options import check_cache_options, with_file_settings
 from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
@@ -402,6 +402,8 @@ class CSRCache(Cache):
     `code_bits_per_channel` for the codes, which the cache spends layer by layer where the file's measured
     error curves say atoms help most (`csr_core/allocation.py`). With none of them, the file's stored
     allocation (`neuraldict allocate`) if it has one, else the sparsities it was trained at.
+    Options left at None take the setting the dictionary file carries in its `runtime` metadata (the
+    settings it was evaluated with, `neuraldict allocate --runtime`), else `csr_core/defaults.py`.
     `coded_layers` limits coding to some layers; the others keep full-precision K/V (counted too).
     """
 
@@ -414,16 +416,16 @@ class CSRCache(Cache):
         sparsity_keys: int | list[int] | None = None,
         sparsity_values: int | list[int] | None = None,
         code_bits_per_channel: float | None = None,
-        key_weight: float = defaults.KEY_WEIGHT,
+        key_weight: float | None = None,
         method: Method = "mp",
-        online_atoms: int = defaults.ONLINE_ATOMS,
+        online_atoms: int | None = None,
         online_sampling: Sampling = "reverse",
-        guard_atoms: int = defaults.GUARD_ATOMS,
-        guard_threshold: float = defaults.GUARD_THRESHOLD,
-        window: int = defaults.WINDOW,
-        sink_tokens: int = defaults.SINK_TOKENS,
+        guard_atoms: int | None = None,
+        guard_threshold: float | None = None,
+        window: int | None = None,
+        sink_tokens: int | None = None,
         index_bits: int | None = defaults.INDEX_BITS,
-        coef_format: CoefFormat = defaults.COEF_FORMAT,
+        coef_format: CoefFormat | None = None,
         coded_layers: list[int] | None = None,
         model_id: str = "model",
     ):
@@ -436,6 +438,14 @@ class CSRCache(Cache):
         if dictionary.keys.s_n != 1:
             raise ValueError(f"key dictionaries with s_n = {dictionary.keys.s_n} are not supported by CSRCache; use s_n = 1")
         s_n_v = dictionary.values.s_n
+        o = with_file_settings(dict(sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
+                                    code_bits_per_channel=code_bits_per_channel, key_weight=key_weight,
+                                    online_atoms=online_atoms, guard_atoms=guard_atoms, guard_threshold=guard_threshold,
+                                    window=window, sink_tokens=sink_tokens, coef_format=coef_format), dictionary.runtime)
+        sparsity, sparsity_keys, sparsity_values = o["sparsity"], o["sparsity_keys"], o["sparsity_values"]
+        code_bits_per_channel, key_weight, coef_format = o["code_bits_per_channel"], o["key_weight"], o["coef_format"]
+        online_atoms, guard_atoms, guard_threshold = o["online_atoms"], o["guard_atoms"], o["guard_threshold"]
+        window, sink_tokens = o["window"], o["sink_tokens"]
         check_cache_options(method=method, online_atoms=online_atoms, online_sampling=online_sampling,
                             guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
                             sink_tokens=sink_tokens, index_bits=index_bits, coef_format=coef_format,

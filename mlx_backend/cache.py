@@ -25,7 +25,7 @@ from csr_core import defaults
 from csr_core.allocation import resolve_sparsity
 from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
-from csr_core.options import check_cache_options
+from csr_core.options import check_cache_options, with_file_settings
 from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
 from mlx_backend.codebook import Codebook
 from mlx_backend.metric import apply as whiten_heads
@@ -265,16 +265,16 @@ def make_csr_cache(
     sparsity_keys: int | list[int] | None = None,
     sparsity_values: int | list[int] | None = None,
     code_bits_per_channel: float | None = None,
-    key_weight: float = defaults.KEY_WEIGHT,
+    key_weight: float | None = None,
     method: str = "mp",
-    online_atoms: int = defaults.ONLINE_ATOMS,
+    online_atoms: int | None = None,
     online_sampling: str = "reverse",
-    guard_atoms: int = defaults.GUARD_ATOMS,
-    guard_threshold: float = defaults.GUARD_THRESHOLD,
-    window: int = defaults.WINDOW,
-    sink_tokens: int = defaults.SINK_TOKENS,
+    guard_atoms: int | None = None,
+    guard_threshold: float | None = None,
+    window: int | None = None,
+    sink_tokens: int | None = None,
     index_bits: int | None = defaults.INDEX_BITS,
-    coef_format: str = defaults.COEF_FORMAT,
+    coef_format: str | None = None,
     model_id: str = "model",
 ) -> list[CSRKVCache]:
     """A `prompt_cache` (one CSRKVCache per layer) for an mlx-lm Llama-family model; same options as CSRCache."""
@@ -283,6 +283,14 @@ def make_csr_cache(
         dictionary = load_dictionary(dictionary, model=fingerprint)
     else:
         dictionary.check_model(fingerprint)
+    o = with_file_settings(dict(sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
+                                code_bits_per_channel=code_bits_per_channel, key_weight=key_weight,
+                                online_atoms=online_atoms, guard_atoms=guard_atoms, guard_threshold=guard_threshold,
+                                window=window, sink_tokens=sink_tokens, coef_format=coef_format), dictionary.runtime)
+    sparsity, sparsity_keys, sparsity_values = o["sparsity"], o["sparsity_keys"], o["sparsity_values"]
+    code_bits_per_channel, key_weight, coef_format = o["code_bits_per_channel"], o["key_weight"], o["coef_format"]
+    online_atoms, guard_atoms, guard_threshold = o["online_atoms"], o["guard_atoms"], o["guard_threshold"]
+    window, sink_tokens = o["window"], o["sink_tokens"]
     check_cache_options(method=method, online_atoms=online_atoms, online_sampling=online_sampling,
                         guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
                         sink_tokens=sink_tokens, index_bits=index_bits, coef_format=coef_format,

@@ -59,9 +59,12 @@ def main(argv=None) -> None:
     p.add_argument("--prefix-fraction", type=float, default=0.5)
     p.add_argument("--chunk", type=int, default=32)
     p.add_argument("--sparsity", type=int, nargs="+", default=[8, 4, 2])
-    p.add_argument("--online-atoms", type=int, default=defaults.ONLINE_ATOMS)
-    p.add_argument("--guard-atoms", type=int, default=defaults.GUARD_ATOMS)
-    p.add_argument("--sink-tokens", type=int, default=defaults.SINK_TOKENS)
+    p.add_argument("--online-atoms", type=int, default=None,
+                   help=f"default: the dictionary file's setting, else {defaults.ONLINE_ATOMS}")
+    p.add_argument("--guard-atoms", type=int, default=None,
+                   help=f"default: the dictionary file's setting, else {defaults.GUARD_ATOMS}")
+    p.add_argument("--sink-tokens", type=int, default=None,
+                   help=f"default: the dictionary file's setting, else {defaults.SINK_TOKENS}")
     args = p.parse_args(argv)
     model, tokenizer = load(str(mlx_model_dir(args.model)))
     n_layers = len(model.layers)

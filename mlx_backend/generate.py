@@ -22,11 +22,16 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=40)
     p.add_argument("--sparsity", type=int, default=None,
                    help="CSR-s: keys s atoms, values s / s_n per chunk (default: the dictionary file's allocation or sparsity)")
-    p.add_argument("--online-atoms", type=int, default=defaults.ONLINE_ATOMS)
-    p.add_argument("--guard-atoms", type=int, default=defaults.GUARD_ATOMS)
-    p.add_argument("--window", type=int, default=defaults.WINDOW)
-    p.add_argument("--sink-tokens", type=int, default=defaults.SINK_TOKENS)
-    p.add_argument("--coef-format", default=defaults.COEF_FORMAT, choices=["fp8", "int8", "fp16"])
+    p.add_argument("--online-atoms", type=int, default=None,
+                   help=f"default: the dictionary file's setting, else {defaults.ONLINE_ATOMS}")
+    p.add_argument("--guard-atoms", type=int, default=None,
+                   help=f"default: the dictionary file's setting, else {defaults.GUARD_ATOMS}")
+    p.add_argument("--window", type=int, default=None,
+                   help=f"default: the dictionary file's setting, else {defaults.WINDOW}")
+    p.add_argument("--sink-tokens", type=int, default=None,
+                   help=f"default: the dictionary file's setting, else {defaults.SINK_TOKENS}")
+    p.add_argument("--coef-format", default=None, choices=["fp8", "int8", "fp16"],
+                   help=f"default: the dictionary file's setting, else {defaults.COEF_FORMAT}")
     return p
 
 

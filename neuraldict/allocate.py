@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from csr_core import defaults
 from csr_core.allocation import greedy_allocation
 from csr_core.code_layout import COEF_BITS, index_bits_for
-from csr_core.dictionary_file import KINDS, DictionaryFile, load_dictionary, save_dictionary
+from csr_core.dictionary_file import KINDS, RUNTIME_KEYS, DictionaryFile, load_dictionary, save_dictionary
 from csr_runtime.sparse_coding import sparse_encode, split_chunks
 
 
@@ -67,12 +68,13 @@ def allocate(
     output: str | None = None,
     key_weight: float = 1.0,
     max_sparsity: int = 8,
-    online_atoms: int = 64,
-    guard_atoms: int = 64,
-    coef_format: str = "fp8",
+    online_atoms: int | None = None,
+    guard_atoms: int | None = None,
+    coef_format: str | None = None,
     corpus: str | None = None,
     tokens: int = 2048,
     model: str | None = None,
+    runtime: dict | None = None,
 ) -> Path:
     """Write a copy of `dictionary` with its error curves and an allocation of `bits_per_channel` (codes only).
 
@@ -82,15 +84,26 @@ def allocate(
         output: the new file (default: `<dictionary>-<bits>bit.safetensors` next to it).
         key_weight: exchange rate of key error against value error (choose on the validation split).
         max_sparsity: most atoms per chunk one layer may get.
-        online_atoms, guard_atoms: the extra atoms a runtime adds (they set the index width: ⌈log2(N + extra)⌉).
-        coef_format: the runtime's coefficient format ("fp8", "int8", "fp16"), for the bits of one atom.
+        online_atoms, guard_atoms: the extra atoms a runtime adds (they set the index width: ⌈log2(N + extra)⌉);
+            default: `runtime`'s, else csr_core.defaults.
+        coef_format: the runtime's coefficient format ("fp8", "int8", "fp16"), for the bits of one atom; default as above.
         corpus: text whose validation split gives the vectors (default: the file's training corpus).
         tokens: validation tokens.
         model: the model (default: the file's model_id).
+        runtime: cache settings to store in the file as the ones it was evaluated with, e.g.
+            '{"guard_atoms": 256, "guard_threshold": 0.1}' (keys: csr_core.dictionary_file.RUNTIME_KEYS);
+            CSRCache / make_csr_cache use them where the caller gives none.
     """
     from neuraldict.collect import collect_kv
 
     d = load_dictionary(dictionary)
+    runtime = dict(runtime or {})
+    unknown = set(runtime) - set(RUNTIME_KEYS)
+    if unknown:
+        raise ValueError(f"runtime settings {sorted(unknown)} are not cache options; use keys from {list(RUNTIME_KEYS)}")
+    online_atoms = online_atoms if online_atoms is not None else runtime.get("online_atoms", defaults.ONLINE_ATOMS)
+    guard_atoms = guard_atoms if guard_atoms is not None else runtime.get("guard_atoms", defaults.GUARD_ATOMS)
+    coef_format = coef_format or runtime.get("coef_format", defaults.COEF_FORMAT)
     corpus = corpus or d.provenance.get("corpus", "python-docs")
     collection = collect_kv(model=model or d.model.model_id, corpus=corpus, split="validation", max_tokens=tokens,
                             window=min(512, tokens))
@@ -106,7 +119,7 @@ def allocate(
                                                  "online_atoms": online_atoms, "guard_atoms": guard_atoms,
                                                  "coef_format": coef_format, "corpus": corpus, "tokens": tokens}}
     result = dataclasses.replace(
-        d, provenance=provenance,
+        d, provenance=provenance, runtime={**d.runtime, **runtime},
         **{kind: dataclasses.replace(d.kind(kind), allocation=allocation[kind], error_curve=curves[kind]) for kind in KINDS})
     output = Path(output) if output else Path(dictionary).with_name(f"{Path(dictionary).stem}-{bits_per_channel:g}bit.safetensors")
     save_dictionary(output, result)

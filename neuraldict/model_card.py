@@ -62,6 +62,10 @@ def model_card(d: DictionaryFile, *, command: str | None = None) -> str:
             if all(j < c.shape[1] for c in curves.values()):
                 rel = [float((c[:, j] / c[:, 0].clip(min=1e-30)).mean()) for c in curves.values()]
                 lines.append(f"| {j} | " + " | ".join(f"{r:.3f}" for r in rel) + " |")
+    if d.runtime:
+        lines += ["", "## Cache settings this dictionary was evaluated with", "",
+                  "`CSRCache` / `make_csr_cache` use these where the caller gives none:", "",
+                  *[f"- `{k}`: {v!r}" for k, v in sorted(d.runtime.items())]]
     lines += ["", "## Bits per channel of the codes (CSR-s, keys and values averaged)", "",
               f"| s | paper layout (int16 + fp16) | packed (default: ⌈log2 N⌉-bit indices, {COEF_FORMAT}, "
               f"{ONLINE_ATOMS}+{GUARD_ATOMS} extra atoms) |", "|---|---|---|"]

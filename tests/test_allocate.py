@@ -102,3 +102,26 @@ def test_a_cache_spends_a_code_budget_with_the_files_error_curves(tmp_path):
         CSRCache(lm, random_dictionary(lm), code_bits_per_channel=1.0)
     with pytest.raises(ValueError, match="not both"):
         CSRCache(lm, path, code_bits_per_channel=2.0, sparsity=2)
+
+
+def test_neuraldict_allocate_stores_the_allocation_and_runtime_settings(tiny_model_dir, tmp_path):
+    """`neuraldict allocate --runtime ...` end to end on a tiny model: the file carries both, and a cache built
+    with no options uses them."""
+    from csr_core.models import load_model, model_fingerprint
+    from neuraldict.allocate import allocate
+
+    lm, _ = load_model(str(tiny_model_dir))
+    d = random_dictionary(tiny_llama(n_layers=3))
+    d.model = model_fingerprint(lm, str(tiny_model_dir))
+    for kind in ("keys", "values"):
+        d.kind(kind).layer_to_group = [0, 0, 0]
+    path = save_dictionary(tmp_path / "d.safetensors", d)
+    out = allocate(str(path), bits_per_channel=3.0, max_sparsity=4, tokens=256, model=str(tiny_model_dir),
+                   runtime={"guard_atoms": 8, "guard_threshold": 0.1})
+    stored = load_dictionary(out)
+    assert stored.runtime == {"guard_atoms": 8, "guard_threshold": 0.1} and stored.keys.allocation is not None
+    settings = CSRCache(lm, out, model_id=str(tiny_model_dir)).settings
+    assert (settings.guard_atoms, settings.guard_threshold) == (8, 0.1)
+    assert settings.sparsity_keys == stored.keys.allocation
+    with pytest.raises(ValueError, match="are not cache options"):
+        allocate(str(path), model=str(tiny_model_dir), tokens=256, runtime={"guard_atom": 8})

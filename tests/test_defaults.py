@@ -2,21 +2,52 @@
 
 import inspect
 
+import pytest
 import yaml
 
 from csr_core import defaults
 from csr_runtime.cache import CSRCache
+from csr_core.dictionary_file import load_dictionary, save_dictionary
 from mlx_backend.cache import make_csr_cache
+from tests.conftest import tiny_llama
+from tests.test_cache import random_dictionary
+from tests.test_mlx import tiny_mlx_llama
 
 NAMES = {"online_atoms": "ONLINE_ATOMS", "guard_atoms": "GUARD_ATOMS", "guard_threshold": "GUARD_THRESHOLD",
          "sink_tokens": "SINK_TOKENS", "window": "WINDOW", "coef_format": "COEF_FORMAT", "index_bits": "INDEX_BITS"}
 
 
-def test_both_runtimes_default_to_the_same_settings():
-    for function in (CSRCache.__init__, make_csr_cache):
-        params = inspect.signature(function).parameters
-        for name, constant in NAMES.items():
-            assert params[name].default == getattr(defaults, constant), (function.__qualname__, name)
+def settings_of(runtime, dictionary, **options):
+    if runtime == "torch":
+        lm = tiny_llama(n_layers=2)
+        return CSRCache(lm, dictionary(lm), **options).settings
+    return make_csr_cache(tiny_mlx_llama(), dictionary(tiny_llama(n_layers=2)), **options)[0].settings
+
+
+@pytest.mark.parametrize("runtime", ["torch", "mlx"])
+def test_both_runtimes_default_to_the_same_settings(runtime):
+    settings = settings_of(runtime, random_dictionary)
+    for name, constant in NAMES.items():
+        assert getattr(settings, name) == getattr(defaults, constant), (runtime, name)
+    assert inspect.signature(make_csr_cache).parameters.keys() - {"model"} == \
+        inspect.signature(CSRCache.__init__).parameters.keys() - {"self", "model", "coded_layers"}
+
+
+def file_with_runtime(lm):
+    d = random_dictionary(lm)
+    d.runtime = {"online_atoms": 16, "guard_atoms": 8, "sink_tokens": 2, "sparsity_keys": 3, "sparsity_values": 2}
+    return d
+
+
+@pytest.mark.parametrize("runtime", ["torch", "mlx"])
+def test_settings_a_dictionary_file_carries_apply_when_the_caller_gives_none(runtime, tmp_path):
+    s = settings_of(runtime, file_with_runtime)
+    assert (s.online_atoms, s.guard_atoms, s.sink_tokens, s.guard_threshold) == (16, 8, 2, defaults.GUARD_THRESHOLD)
+    assert s.sparsity_keys == [3, 3] and s.sparsity_values == [2, 2]
+    given = settings_of(runtime, file_with_runtime, online_atoms=4, sparsity_keys=1, sparsity_values=1)
+    assert (given.online_atoms, given.guard_atoms, given.sparsity_keys) == (4, 8, [1, 1])  # the caller's win
+    path = save_dictionary(tmp_path / "d.safetensors", file_with_runtime(tiny_llama(n_layers=2)))
+    assert load_dictionary(path).runtime["online_atoms"] == 16  # it travels in the file
 
 
 def test_the_embedded_eval_config_names_the_default_cache():

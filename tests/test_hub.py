@@ -77,6 +77,8 @@ def test_exported_dictionaries_carry_a_model_card_with_the_fields_users_need(tmp
         assert field in card, field
     # paper layout: 32 · s · s_n / d_h for keys (s_n 1) and values (s_n 2, s / 2 per chunk), averaged
     assert "| 4 | 16.00 |" in model_card(d)
+    d.runtime = {"guard_atoms": 256}
+    assert "- `guard_atoms`: 256" in model_card(d)
 
 
 def test_push_uploads_the_file_and_its_card(tmp_path):
