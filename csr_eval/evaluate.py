@@ -24,6 +24,7 @@ from transformers import DynamicCache
 from csr_core.corpus import load_corpus
 from csr_core.dictionary_file import load_dictionary
 from csr_core.models import load_model, model_fingerprint, with_cache
+from csr_core.prompts import encode_prompt
 from csr_core.scoring import cache_bytes, chunked_log_probs
 from csr_eval.kivi import KIVICache
 from csr_runtime.cache import CSRCache
@@ -80,6 +81,7 @@ def evaluate(
     passkey_depths: list[float] = (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.85, 0.95),
     generation_prompt: str = "The three most important ideas of the Python language are",
     generation_tokens: int = 40,
+    chat_template: bool = True,
     output: str = "benchmarks/results/eval",
     device: str = "cpu",
     dtype: str = "float32",
@@ -101,6 +103,7 @@ def evaluate(
         passkey_depths: relative positions of the passkey (empty: no passkey test).
         generation_prompt: prompt of the greedy generation sample.
         generation_tokens: tokens generated for the sample.
+        chat_template: wrap the sample's prompt in the tokenizer's chat template (Instruct models); false: raw text.
         output: report folder (markdown, CSV, PNG).
         device: where the model runs: "cpu", "cuda" or "cuda:N".
         dtype: the model's dtype: "float32", "bfloat16" or "float16" (the caches code in float32 inside).
@@ -160,7 +163,7 @@ def evaluate(
                 for j, n in enumerate(passkey_lengths) for i, d in enumerate(passkey_depths)]
         r["passkey_misses"] = [f"{n}@{d:g}" for (n, d), hit in zip(((n, d) for n in passkey_lengths for d in passkey_depths), hits)
                                if not hit]
-        prompt = tokenizer(generation_prompt, return_tensors="pt")["input_ids"].to(lm.device)
+        prompt = encode_prompt(tokenizer, generation_prompt, chat=chat_template).to(lm.device)
         with torch.no_grad():
             text = tokenizer.decode(lm.generate(prompt, max_new_tokens=generation_tokens, do_sample=False,
                                                 **with_cache(lm, make_cache(m, lm, dict_file)),

@@ -10,6 +10,7 @@ import argparse
 import time
 
 from csr_core import defaults
+from csr_core.prompts import chat_prompt
 from mlx_backend.cache import cache_nbytes, make_csr_cache
 from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
 
@@ -20,6 +21,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dictionary", required=True, help="dictionary file from `lightning fit`")
     p.add_argument("--prompt", default="The three most important ideas of the Python language are")
     p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--raw-prompt", action="store_true", help="send the prompt as is (default: the chat template of "
+                   "an Instruct model, raw text for a base model)")
+    p.add_argument("--compare-kv-cache", action="store_true",
+                   help="also generate with mlx-lm's plain KVCache and print its speed, memory and text")
     p.add_argument("--sparsity", type=int, default=None,
                    help="CSR-s: keys s atoms, values s / s_n per chunk (default: the dictionary file's allocation or sparsity)")
     p.add_argument("--online-atoms", type=int, default=None,
@@ -55,13 +60,17 @@ def main(argv=None) -> None:
     csr = make_csr_cache(model, args.dictionary, sparsity=args.sparsity, online_atoms=args.online_atoms,
                          guard_atoms=args.guard_atoms, window=args.window, sink_tokens=args.sink_tokens,
                          coef_format=args.coef_format, model_id=args.model)
-    text, tps, seconds, n = run(model, tokenizer, args.prompt, csr, args.max_tokens)
+    prompt = chat_prompt(tokenizer, args.prompt, chat=not args.raw_prompt)
+    text, tps, seconds, n = run(model, tokenizer, prompt, csr, args.max_tokens)
+    print(f"{args.prompt}{text}\n" if args.raw_prompt else f"{text}\n")
+    line = f"CSR-{args.sparsity or 'file'}: {tps:.1f} tokens/s, cache {cache_nbytes(csr) / 2**10:.1f} KiB"
+    if not args.compare_kv_cache:
+        print(line)
+        return
     plain = make_prompt_cache(model)
-    plain_text, plain_tps, _, _ = run(model, tokenizer, args.prompt, plain, args.max_tokens)
-    print(f"{args.prompt}{text}\n")
-    print(f"CSR-{args.sparsity or 'file'}: {tps:.1f} tokens/s, cache {cache_nbytes(csr) / 2**10:.1f} KiB "
-          f"| KVCache: {plain_tps:.1f} tokens/s, cache {sum(c.nbytes for c in plain) / 2**10:.1f} KiB")
-    print(f"KVCache text: {args.prompt}{plain_text}")
+    plain_text, plain_tps, _, _ = run(model, tokenizer, prompt, plain, args.max_tokens)
+    print(f"{line} | KVCache: {plain_tps:.1f} tokens/s, cache {sum(c.nbytes for c in plain) / 2**10:.1f} KiB")
+    print(f"KVCache text: {plain_text}")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def test_generate_cli_prints_text_speed_and_memory(smollm2, tmp_path):
     path = save_dictionary(tmp_path / "d.safetensors", DictionaryFile(
         fp, KindDictionaries(1, 4, [0] * 30, [random_atoms(128, 64, 0)]), KindDictionaries(2, 2, [0] * 30, [random_atoms(128, 32, 1)])))
     run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
-                          "The capital of France is", "--max-tokens", "6", "--sparsity", "8"],
+                          "The capital of France is", "--max-tokens", "6", "--sparsity", "8", "--compare-kv-cache"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "CSR-8:" in run.stdout and "tokens/s" in run.stdout and "| KVCache:" in run.stdout
@@ -236,3 +236,18 @@ def test_conversions_of_two_folders_with_the_same_name_are_kept_apart(tmp_path, 
     config["rope_theta"] = 12345.0
     (a / "config.json").write_text(json.dumps(config))  # the same folder, changed: converted again
     assert json.loads((mlx_model_dir(str(a)) / "config.json").read_text())["rope_theta"] == 12345.0
+
+
+@pytest.mark.smollm2
+def test_generate_cli_uses_the_chat_template_and_runs_one_generation_unless_asked(smollm2, tmp_path):
+    from csr_core.models import model_fingerprint as torch_fingerprint
+
+    fp = torch_fingerprint(smollm2[0], "smollm2-135m-instruct")
+    path = save_dictionary(tmp_path / "d.safetensors", DictionaryFile(
+        fp, KindDictionaries(1, 4, [0] * 30, [random_atoms(128, 64, 0)]), KindDictionaries(2, 2, [0] * 30, [random_atoms(128, 32, 1)])))
+    run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
+                          "What is the capital of France?", "--max-tokens", "8", "--sparsity", "8"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "CSR-8:" in run.stdout and "KVCache" not in run.stdout  # no second generation unless asked
+    assert "What is the capital" not in run.stdout  # the chat answer, not a continuation of the raw prompt

@@ -68,3 +68,19 @@ def test_bad_device_or_dtype_says_what_to_pass(tiny_model_dir, device, dtype, me
 def test_load_model_in_bf16(tiny_model_dir):
     lm, _ = load_model(str(tiny_model_dir), dtype="bfloat16")
     assert next(lm.parameters()).dtype == torch.bfloat16
+
+
+def test_instruct_prompts_get_the_chat_template_and_base_models_raw_text(tiny_model_dir, capsys):
+    from transformers import AutoTokenizer
+
+    from csr_core.prompts import chat_prompt, encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # SmolLM2-Instruct's tokenizer
+    prompt = chat_prompt(tokenizer, "Name a colour.")
+    assert prompt.rstrip().endswith("<|im_start|>assistant") and "<|im_start|>user\nName a colour.<|im_end|>" in prompt
+    assert chat_prompt(tokenizer, "Name a colour.", chat=False) == "Name a colour."
+    ids = encode_prompt(tokenizer, "Name a colour.")
+    assert tokenizer.decode(ids[0]) == prompt  # no second set of special tokens
+    tokenizer.chat_template = None  # what a base model's tokenizer looks like
+    assert chat_prompt(tokenizer, "Name a colour.") == "Name a colour."
+    assert "no chat template" in capsys.readouterr().err
