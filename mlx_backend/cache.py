@@ -312,5 +312,15 @@ def make_csr_cache(
             for l, layer in enumerate(model.layers)]
 
 
+def install(model, dictionary: str | os.PathLike | DictionaryFile, **options) -> None:
+    """Make mlx-lm build CSR caches for `model`: `make_prompt_cache(model)`, and so `generate`,
+    `stream_generate` and `mlx_lm.server` without a prompt cache of their own, get a fresh CSR cache
+    (the dictionary is read once). `options` are `make_csr_cache`'s. Undo with `del model.make_cache`."""
+    if not isinstance(dictionary, DictionaryFile):
+        dictionary = load_dictionary(dictionary, model=model_fingerprint(model, options.get("model_id", "model")))
+    make_csr_cache(model, dictionary, **options)  # a bad option fails here, not at the first request
+    model.make_cache = lambda: make_csr_cache(model, dictionary, **options)
+
+
 def cache_nbytes(prompt_cache: list) -> int:
     return sum(c.nbytes for c in prompt_cache)

@@ -251,3 +251,26 @@ def test_generate_cli_uses_the_chat_template_and_runs_one_generation_unless_aske
     assert run.returncode == 0, run.stderr[-2000:]
     assert "CSR-8:" in run.stdout and "KVCache" not in run.stdout  # no second generation unless asked
     assert "What is the capital" not in run.stdout  # the chat answer, not a continuation of the raw prompt
+
+
+def test_install_makes_mlx_lm_build_csr_caches():
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_backend.cache import CSRKVCache, install
+
+    model = tiny_mlx_llama()
+    install(model, complete_dictionary(model), online_atoms=0, guard_atoms=0, coef_format="fp16")
+    caches = make_prompt_cache(model)
+    assert len(caches) == 2 and all(isinstance(c, CSRKVCache) for c in caches)
+    assert make_prompt_cache(model)[0] is not caches[0]  # a fresh cache per request
+
+    from mlx_lm.generate import generate_step
+
+    built = []
+    make = model.make_cache
+    model.make_cache = lambda: built.append(make()) or built[-1]
+    tokens = [int(t) for t, _ in generate_step(mx.array([1, 5, 9, 14]), model, max_tokens=3)]
+    assert len(tokens) == 3 and len(built) == 1  # mlx-lm's own loop asked the model for its (CSR) cache
+    assert built[0][0].offset >= 4 + 2  # the prompt and the fed-back tokens went through the CSR cache
+    with pytest.raises(ValueError, match="online_atoms must be an int >= 0"):
+        install(model, complete_dictionary(model), online_atoms=-1)
