@@ -313,9 +313,11 @@ def make_csr_cache(
 
 
 def install(model, dictionary: str | os.PathLike | DictionaryFile, **options) -> None:
-    """Make mlx-lm build CSR caches for `model`: `make_prompt_cache(model)`, and so `generate`,
-    `stream_generate` and `mlx_lm.server` without a prompt cache of their own, get a fresh CSR cache
-    (the dictionary is read once). `options` are `make_csr_cache`'s. Undo with `del model.make_cache`."""
+    """Make mlx-lm build CSR caches for `model`: `make_prompt_cache(model)` — and so `generate` and
+    `stream_generate` without a prompt cache of their own, and whatever else in mlx-lm builds its cache that
+    way — returns a fresh CSR cache (the dictionary is read once). `options` are `make_csr_cache`'s. Batched
+    paths (`batch_generate`, the server's batching) need merge/extract, which the CSR cache does not have
+    yet. Undo with `del model.make_cache`."""
     if not isinstance(dictionary, DictionaryFile):
         dictionary = load_dictionary(dictionary, model=model_fingerprint(model, options.get("model_id", "model")))
     make_csr_cache(model, dictionary, **options)  # a bad option fails here, not at the first request
