@@ -32,11 +32,10 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from csr_core import defaults
-from csr_core.allocation import resolve_sparsity
 from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_core.models import check_supported, model_fingerprint
-from csr_core.options import check_cache_options, with_file_settings
+from csr_core.settings import SETTING_FIELDS, cache_settings
 from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
@@ -438,28 +437,13 @@ class CSRCache(Cache):
         if dictionary.keys.s_n != 1:
             raise ValueError(f"key dictionaries with s_n = {dictionary.keys.s_n} are not supported by CSRCache; use s_n = 1")
         s_n_v = dictionary.values.s_n
-        o = with_file_settings(dict(sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
-                                    code_bits_per_channel=code_bits_per_channel, key_weight=key_weight,
-                                    online_atoms=online_atoms, guard_atoms=guard_atoms, guard_threshold=guard_threshold,
-                                    window=window, sink_tokens=sink_tokens, coef_format=coef_format), dictionary.runtime)
-        sparsity, sparsity_keys, sparsity_values = o["sparsity"], o["sparsity_keys"], o["sparsity_values"]
-        code_bits_per_channel, key_weight, coef_format = o["code_bits_per_channel"], o["key_weight"], o["coef_format"]
-        online_atoms, guard_atoms, guard_threshold = o["online_atoms"], o["guard_atoms"], o["guard_threshold"]
-        window, sink_tokens = o["window"], o["sink_tokens"]
-        check_cache_options(method=method, online_atoms=online_atoms, online_sampling=online_sampling,
-                            guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
-                            sink_tokens=sink_tokens, index_bits=index_bits, coef_format=coef_format,
-                            code_bits_per_channel=code_bits_per_channel)
-        sparsity_keys, sparsity_values = resolve_sparsity(
-            dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
-            code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, index_bits=index_bits,
-            online_atoms=online_atoms, guard_atoms=guard_atoms, coef_format=coef_format)
-        self.settings = CSRSettings(
-            sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=s_n_v, method=method,
-            online_atoms=online_atoms, online_sampling=online_sampling, guard_atoms=guard_atoms,
-            guard_threshold=guard_threshold, window=window, sink_tokens=sink_tokens, index_bits=index_bits,
-            coef_format=coef_format,
-        )
+        o = cache_settings(dictionary, method=method, online_sampling=online_sampling, index_bits=index_bits,
+                           sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
+                           code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, online_atoms=online_atoms,
+                           guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
+                           sink_tokens=sink_tokens, coef_format=coef_format)
+        self.settings = CSRSettings(sparsity_keys=o["sparsity_keys"], sparsity_values=o["sparsity_values"],
+                                    s_n_values=s_n_v, **{k: o[k] for k in SETTING_FIELDS})
         self.fingerprint = fingerprint
         coded = sorted(set(range(fingerprint.n_layers) if coded_layers is None else coded_layers))
         if not coded or not set(coded) <= set(range(fingerprint.n_layers)):

@@ -22,10 +22,9 @@ import numpy as np
 from mlx_lm.models.cache import create_attention_mask
 
 from csr_core import defaults
-from csr_core.allocation import resolve_sparsity
 from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
-from csr_core.options import check_cache_options, with_file_settings
+from csr_core.settings import SETTING_FIELDS, cache_settings
 from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
 from mlx_backend.codebook import Codebook
 from mlx_backend.metric import apply as whiten_heads
@@ -283,28 +282,13 @@ def make_csr_cache(
         dictionary = load_dictionary(dictionary, model=fingerprint)
     else:
         dictionary.check_model(fingerprint)
-    o = with_file_settings(dict(sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
-                                code_bits_per_channel=code_bits_per_channel, key_weight=key_weight,
-                                online_atoms=online_atoms, guard_atoms=guard_atoms, guard_threshold=guard_threshold,
-                                window=window, sink_tokens=sink_tokens, coef_format=coef_format), dictionary.runtime)
-    sparsity, sparsity_keys, sparsity_values = o["sparsity"], o["sparsity_keys"], o["sparsity_values"]
-    code_bits_per_channel, key_weight, coef_format = o["code_bits_per_channel"], o["key_weight"], o["coef_format"]
-    online_atoms, guard_atoms, guard_threshold = o["online_atoms"], o["guard_atoms"], o["guard_threshold"]
-    window, sink_tokens = o["window"], o["sink_tokens"]
-    check_cache_options(method=method, online_atoms=online_atoms, online_sampling=online_sampling,
-                        guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
-                        sink_tokens=sink_tokens, index_bits=index_bits, coef_format=coef_format,
-                        code_bits_per_channel=code_bits_per_channel)
-    sparsity_keys, sparsity_values = resolve_sparsity(
-        dictionary, sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
-        code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, index_bits=index_bits,
-        online_atoms=online_atoms, guard_atoms=guard_atoms, coef_format=coef_format)
-    settings = CSRSettings(
-        sparsity_keys=sparsity_keys, sparsity_values=sparsity_values, s_n_values=dictionary.values.s_n, method=method,
-        online_atoms=online_atoms, online_sampling=online_sampling, guard_atoms=guard_atoms,
-        guard_threshold=guard_threshold, window=window, sink_tokens=sink_tokens, index_bits=index_bits,
-        coef_format=coef_format,
-    )
+    o = cache_settings(dictionary, method=method, online_sampling=online_sampling, index_bits=index_bits,
+                       sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
+                       code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, online_atoms=online_atoms,
+                       guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
+                       sink_tokens=sink_tokens, coef_format=coef_format)
+    settings = CSRSettings(sparsity_keys=o["sparsity_keys"], sparsity_values=o["sparsity_values"],
+                           s_n_values=dictionary.values.s_n, **{k: o[k] for k in SETTING_FIELDS})
     whitening = lambda l: {kind: (d.whiten[l], d.unwhiten[l])
                            for kind, d in (("keys", dictionary.keys), ("values", dictionary.values)) if d.whiten is not None}
     return [CSRKVCache(l, dictionary.keys.for_layer(l), dictionary.values.for_layer(l), layer.self_attn.rope, settings,
