@@ -44,6 +44,7 @@ def mlx_model_dir(model: str = EMBEDDED_MODEL) -> Path:
     target = cache_root() / "mlx" / conversion_key(source)
     if (target / "config.json").is_file():
         return target
+    print(f"Converting {source} into an mlx-lm folder {target} (links the weights; seconds) ...", flush=True)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

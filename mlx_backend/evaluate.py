@@ -15,6 +15,7 @@ import time
 
 import mlx.core as mx
 import numpy as np
+from tqdm.auto import tqdm
 
 from csr_core import defaults
 from mlx_backend.cache import make_csr_cache
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
     print("| method | perplexity | cache KiB | seconds |\n|---|---|---|---|")
     for name, make in methods.items():
         started, logps, nbytes = time.perf_counter(), [], 0
-        for ids in windows:
+        for ids in tqdm(windows, desc=f"Evaluating {name}", unit="sequence", leave=False, dynamic_ncols=True):
             cache = make()
             logps.append(chunked_log_probs(model, ids, cache, prefix=prefix, chunk=args.chunk))
             nbytes = sum(c.nbytes for c in cache)
