@@ -65,6 +65,16 @@ def mlx_model_dir(model: str = EMBEDDED_MODEL) -> Path:
     return target
 
 
+def mlx_source(model: str = EMBEDDED_MODEL) -> str:
+    """What to hand `mlx_lm.load`: the converted folder for the embedded alias or a local Hugging Face folder,
+    the name itself for anything else (a Hub id such as `mlx-community/...`, downloaded by mlx-lm when online)."""
+    if model == EMBEDDED_MODEL or (Path(model).expanduser() / "config.json").is_file():
+        return str(mlx_model_dir(str(Path(model).expanduser()) if model != EMBEDDED_MODEL else model))
+    if Path(model).expanduser().exists():
+        raise ValueError(f"{model!r} is a local path without a config.json: not a Hugging Face or mlx-lm model folder")
+    return model
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Convert a model into an mlx-lm folder")
     p.add_argument("--model", default=EMBEDDED_MODEL, help="the embedded alias or a local Hugging Face folder")

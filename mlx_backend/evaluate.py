@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from csr_core import defaults
 from mlx_backend.cache import make_csr_cache
-from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
+from mlx_backend.convert import EMBEDDED_MODEL, mlx_source
 
 
 def chunked_log_probs(model, ids: list[int], prompt_cache, *, prefix: int, chunk: int) -> np.ndarray:
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     p.add_argument("--sink-tokens", type=int, default=None,
                    help=f"default: the dictionary file's setting, else {defaults.SINK_TOKENS}")
     args = p.parse_args(argv)
-    model, tokenizer = load(str(mlx_model_dir(args.model)))
+    model, tokenizer = load(mlx_source(args.model))
     n_layers = len(model.layers)
     methods = {"KVCache": lambda: make_prompt_cache(model),
                "QuantizedKVCache 4-bit": lambda: [QuantizedKVCache(group_size=64, bits=4) for _ in range(n_layers)]}

@@ -12,12 +12,12 @@ import time
 from csr_core import defaults
 from csr_core.prompts import chat_prompt
 from mlx_backend.cache import cache_nbytes, make_csr_cache
-from mlx_backend.convert import EMBEDDED_MODEL, mlx_model_dir
+from mlx_backend.convert import EMBEDDED_MODEL, mlx_source
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="embedded alias, local HF folder, or mlx-lm folder")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="embedded alias, local HF or mlx-lm folder, or a Hub id (downloaded by mlx-lm when online)")
     p.add_argument("--dictionary", required=True, help="dictionary file from `lightning fit`")
     p.add_argument("--prompt", default="The three most important ideas of the Python language are")
     p.add_argument("--max-tokens", type=int, default=40)
@@ -56,7 +56,7 @@ def main(argv=None) -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
     args = setup_arg_parser().parse_args(argv)
-    model, tokenizer = load(str(mlx_model_dir(args.model)))
+    model, tokenizer = load(mlx_source(args.model))
     csr = make_csr_cache(model, args.dictionary, sparsity=args.sparsity, online_atoms=args.online_atoms,
                          guard_atoms=args.guard_atoms, window=args.window, sink_tokens=args.sink_tokens,
                          coef_format=args.coef_format, model_id=args.model)

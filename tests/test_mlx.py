@@ -274,3 +274,15 @@ def test_install_makes_mlx_lm_build_csr_caches():
     assert built[0][0].offset >= 4 + 2  # the prompt and the fed-back tokens went through the CSR cache
     with pytest.raises(ValueError, match="online_atoms must be an int >= 0"):
         install(model, complete_dictionary(model), online_atoms=-1)
+
+
+def test_model_sources_local_folders_are_converted_hub_ids_pass_through(tmp_path, monkeypatch, tiny_model_dir):
+    from mlx_backend.convert import mlx_source
+
+    monkeypatch.setenv("CSR_CACHE_DIR", str(tmp_path / "cache"))
+    converted = mlx_source(str(tiny_model_dir))
+    assert converted.startswith(str(tmp_path / "cache")) and "tiny-llama" in converted
+    assert mlx_source("mlx-community/SmolLM2-135M-Instruct") == "mlx-community/SmolLM2-135M-Instruct"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="without a config.json"):
+        mlx_source(str(tmp_path / "empty"))
