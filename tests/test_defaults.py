@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from csr_core import defaults
-from csr_runtime.cache import CSRCache
 from csr_core.dictionary_file import load_dictionary, save_dictionary
+from csr_runtime.cache import CSRCache
 from mlx_backend.cache import make_csr_cache
 from tests.conftest import tiny_llama
 from tests.test_cache import random_dictionary

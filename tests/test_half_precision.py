@@ -9,7 +9,6 @@ from csr_runtime.cache import CSRCache
 from tests.conftest import tiny_llama
 from tests.test_cache import PACKED_FP16, complete_dictionary, random_dictionary
 
-
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU cases cover the same logic)")
 
 
