@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import time
 
+import mlx.core as mx
+
 from csr_core import defaults
 from csr_core.prompts import chat_prompt
 from mlx_backend.cache import cache_nbytes, make_csr_cache
@@ -21,6 +23,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--dictionary", required=True, help="dictionary file from `lightning fit`")
     p.add_argument("--prompt", default="The three most important ideas of the Python language are")
     p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy), as mlx_lm.generate")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off), as mlx_lm.generate")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     p.add_argument("--raw-prompt", action="store_true", help="send the prompt as is (default: the chat template of "
                    "an Instruct model, raw text for a base model)")
     p.add_argument("--compare-kv-cache", action="store_true",
@@ -40,11 +45,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(model, tokenizer, prompt: str, prompt_cache, max_tokens: int):
+def run(model, tokenizer, prompt: str, prompt_cache, max_tokens: int, sampler=None, stream: bool = False):
     from mlx_lm import stream_generate
 
     started, text, n = time.perf_counter(), "", 0
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, prompt_cache=prompt_cache):
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, prompt_cache=prompt_cache,
+                                    sampler=sampler):
+        if stream:
+            print(response.text, end="", flush=True)
         text += response.text
         n = response.generation_tokens
         tps = response.generation_tps
@@ -60,15 +68,22 @@ def main(argv=None) -> None:
     csr = make_csr_cache(model, args.dictionary, sparsity=args.sparsity, online_atoms=args.online_atoms,
                          guard_atoms=args.guard_atoms, window=args.window, sink_tokens=args.sink_tokens,
                          coef_format=args.coef_format, model_id=args.model)
+    from mlx_lm.sample_utils import make_sampler
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
     prompt = chat_prompt(tokenizer, args.prompt, chat=not args.raw_prompt)
-    text, tps, seconds, n = run(model, tokenizer, prompt, csr, args.max_tokens)
-    print(f"{args.prompt}{text}\n" if args.raw_prompt else f"{text}\n")
+    if args.raw_prompt:
+        print(args.prompt, end="", flush=True)
+    text, tps, seconds, n = run(model, tokenizer, prompt, csr, args.max_tokens, sampler, stream=True)
+    print("\n")
     line = f"CSR-{args.sparsity or 'file'}: {tps:.1f} tokens/s, cache {cache_nbytes(csr) / 2**10:.1f} KiB"
     if not args.compare_kv_cache:
         print(line)
         return
     plain = make_prompt_cache(model)
-    plain_text, plain_tps, _, _ = run(model, tokenizer, prompt, plain, args.max_tokens)
+    plain_text, plain_tps, _, _ = run(model, tokenizer, prompt, plain, args.max_tokens, sampler)
     print(f"{line} | KVCache: {plain_tps:.1f} tokens/s, cache {sum(c.nbytes for c in plain) / 2**10:.1f} KiB")
     print(f"KVCache text: {plain_text}")
 

@@ -286,3 +286,21 @@ def test_model_sources_local_folders_are_converted_hub_ids_pass_through(tmp_path
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="without a config.json"):
         mlx_source(str(tmp_path / "empty"))
+
+
+@pytest.mark.smollm2
+def test_generate_cli_samples_with_temperature_and_seed(smollm2, tmp_path):
+    from csr_core.models import model_fingerprint as torch_fingerprint
+
+    fp = torch_fingerprint(smollm2[0], "smollm2-135m-instruct")
+    path = save_dictionary(tmp_path / "d.safetensors", DictionaryFile(
+        fp, KindDictionaries(1, 4, [0] * 30, [random_atoms(128, 64, 0)]), KindDictionaries(2, 2, [0] * 30, [random_atoms(128, 32, 1)])))
+
+    def generate(seed):
+        run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
+                              "Tell me a story.", "--max-tokens", "12", "--sparsity", "8", "--temp", "2.0",
+                              "--seed", str(seed)], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout.split("CSR-8:")[0]
+
+    assert generate(1) != generate(2)  # sampled, not greedy: the seed matters
