@@ -128,13 +128,18 @@ def test_smollm2_parity_with_the_torch_runtime(smollm2, tmp_path):
     assert abs(ppl_m / ppl_t - 1) < 0.01, (ppl_t, ppl_m)
 
 
-@pytest.mark.smollm2
-def test_generate_cli_prints_text_speed_and_memory(smollm2, tmp_path):
+def random_smollm2_dictionary(smollm2, tmp_path):
+    """A random dictionary file that fits SmolLM2: enough for the CLIs' plumbing, not for quality."""
     from csr_core.models import model_fingerprint as torch_fingerprint
 
     fp = torch_fingerprint(smollm2[0], "smollm2-135m-instruct")
-    path = save_dictionary(tmp_path / "d.safetensors", DictionaryFile(
+    return save_dictionary(tmp_path / "d.safetensors", DictionaryFile(
         fp, KindDictionaries(1, 4, [0] * 30, [random_atoms(128, 64, 0)]), KindDictionaries(2, 2, [0] * 30, [random_atoms(128, 32, 1)])))
+
+
+@pytest.mark.smollm2
+def test_generate_cli_prints_text_speed_and_memory(smollm2, tmp_path):
+    path = random_smollm2_dictionary(smollm2, tmp_path)
     run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
                           "The capital of France is", "--max-tokens", "6", "--sparsity", "8", "--compare-kv-cache"],
                          capture_output=True, text=True, timeout=600)
@@ -240,11 +245,7 @@ def test_conversions_of_two_folders_with_the_same_name_are_kept_apart(tmp_path, 
 
 @pytest.mark.smollm2
 def test_generate_cli_uses_the_chat_template_and_runs_one_generation_unless_asked(smollm2, tmp_path):
-    from csr_core.models import model_fingerprint as torch_fingerprint
-
-    fp = torch_fingerprint(smollm2[0], "smollm2-135m-instruct")
-    path = save_dictionary(tmp_path / "d.safetensors", DictionaryFile(
-        fp, KindDictionaries(1, 4, [0] * 30, [random_atoms(128, 64, 0)]), KindDictionaries(2, 2, [0] * 30, [random_atoms(128, 32, 1)])))
+    path = random_smollm2_dictionary(smollm2, tmp_path)
     run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
                           "What is the capital of France?", "--max-tokens", "8", "--sparsity", "8"],
                          capture_output=True, text=True, timeout=600)
@@ -290,11 +291,7 @@ def test_model_sources_local_folders_are_converted_hub_ids_pass_through(tmp_path
 
 @pytest.mark.smollm2
 def test_generate_cli_samples_with_temperature_and_seed(smollm2, tmp_path):
-    from csr_core.models import model_fingerprint as torch_fingerprint
-
-    fp = torch_fingerprint(smollm2[0], "smollm2-135m-instruct")
-    path = save_dictionary(tmp_path / "d.safetensors", DictionaryFile(
-        fp, KindDictionaries(1, 4, [0] * 30, [random_atoms(128, 64, 0)]), KindDictionaries(2, 2, [0] * 30, [random_atoms(128, 32, 1)])))
+    path = random_smollm2_dictionary(smollm2, tmp_path)
 
     def generate(seed):
         run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
