@@ -10,8 +10,6 @@ from csr_core.code_layout import COEF_FORMATS, CodeLayout, row_index_bits
 
 METHODS = ("mp", "omp")
 SAMPLINGS = ("reverse", "uniform")
-
-
 SPARSITY_OPTIONS = ("sparsity", "sparsity_keys", "sparsity_values", "code_bits_per_channel")
 DEFAULTS = {"key_weight": defaults.KEY_WEIGHT, "online_atoms": defaults.ONLINE_ATOMS, "guard_atoms": defaults.GUARD_ATOMS,
             "guard_threshold": defaults.GUARD_THRESHOLD, "window": defaults.WINDOW, "sink_tokens": defaults.SINK_TOKENS,

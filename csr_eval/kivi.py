@@ -145,9 +145,6 @@ class KIVILayer(BatchRowsMixin, CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.2x
-        return -1
-
     def held_tensors(self) -> list[torch.Tensor]:
         out = [t for t in (self.keys, self.values) if t is not None]
         return out + [t for kind in self.quantized.values() for t in kind]

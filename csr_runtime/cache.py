@@ -211,9 +211,6 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def get_max_cache_shape(self) -> int:  # the name of get_max_length before transformers 5.2x
-        return -1
-
     def _sink_len(self) -> int:
         return self.sink_keys.shape[-2]
 

@@ -17,8 +17,9 @@ from typing import Literal
 
 import torch
 
+from csr_core.options import SAMPLINGS
+
 Sampling = Literal["reverse", "uniform"]
-SAMPLINGS = ("reverse", "uniform")
 
 
 class Codebook:

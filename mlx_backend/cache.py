@@ -4,10 +4,10 @@ One object per layer, following mlx-lm's cache protocol (`update_and_fetch`, `of
 `empty`, `nbytes`), so a list of them is a `prompt_cache` for `mlx_lm.generate` / `stream_generate`.
 Keys arrive rotated; they are un-rotated with the model's RoPE, coded before RoPE, bit-packed per
 token in the layout of `csr_core.code_layout` (the same bytes as the torch runtime), and rotated
-again when read. The first `sink_tokens` tokens stay exact. Per layer the dictionary is offline (file) +
-online (the prompt's own vectors) + guard (vectors whose relative residual stays above a threshold),
-a `Codebook` (`codebook.py`) per kind and row; the newest `window` tokens stay in full precision. The call's own new K/V reach
-the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
+again when read. The first `sink_tokens` tokens stay exact. Per layer, kind and row the dictionary is a
+`Codebook` (`codebook.py`): offline (file) + online (the prompt's own vectors) + guard (vectors whose
+relative residual stays above a threshold); the newest `window` tokens stay in full precision. The
+call's own new K/V reach the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
 Not supported here (use the PyTorch runtime): left-padded batches; nor saving
 prompt caches (mlx-lm's loader only rebuilds its own cache classes).
 """

@@ -15,7 +15,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-SAMPLINGS = ("reverse", "uniform")
+from csr_core.options import SAMPLINGS
 
 
 class Codebook:

@@ -20,6 +20,7 @@ model, corpus text or parameter starts a new collection.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -217,11 +218,13 @@ def collect_kv(
             kind, layer = map(int, np.argwhere(~finite)[0])
             raise ValueError(f"KV shard {target}: the model produced non-finite {list(KIND_INDEX)[kind]} in layer {layer} "
                              f"(float16 overflow or a broken model); nothing was stored for this shard")
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        data = buffer.getvalue()  # hashed as written, not read back
         tmp = target.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+        tmp.write_bytes(data)
         os.replace(tmp, target)
-        manifest["shards"][str(shard)] = {"bytes": target.stat().st_size, "sha256": _sha256(target)}
+        manifest["shards"][str(shard)] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         _write_json(manifest_path, manifest)
     bar.close()
     elapsed = time.perf_counter() - started

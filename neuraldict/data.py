@@ -88,14 +88,15 @@ class KVDataModule(L.LightningDataModule):
         self.val_pools: dict[str, torch.Tensor] = {}
         self.whitening: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind → (A, A⁻¹): (n_layers, H, d, d)
 
-    def _collect(self, split: str, tokens: int) -> KVCollection:
+    def _collect(self, split: str, tokens: int, *, verify: bool = False) -> KVCollection:
         h = self.hparams
         return collect_kv(model=h.model, corpus=h.corpus, split=split, max_tokens=tokens, window=h.window,
-                          device=h.collect_device, dtype=h.collect_dtype, verify=True)  # checksums before training
+                          device=h.collect_device, dtype=h.collect_dtype, verify=verify)
 
     def prepare_data(self) -> None:
-        self._collect("train", self.hparams.train_tokens)
-        self._collect("validation", self.hparams.val_tokens)
+        # checksums once, before training (later calls check sizes only)
+        self._collect("train", self.hparams.train_tokens, verify=True)
+        self._collect("validation", self.hparams.val_tokens, verify=True)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_pools:
