@@ -57,12 +57,26 @@ def check_cache_options(*, method: str, online_atoms: int, online_sampling: str,
         raise ValueError(f"code_bits_per_channel must be a number > 0, got {code_bits_per_channel!r}")
 
 
+def codes_bits_per_channel(dictionary, sparsity_keys: list[int], sparsity_values: list[int], *,
+                           index_bits: int | None, online_atoms: int, guard_atoms: int, coef_format: str) -> float:
+    """Bits per channel of the packed codes alone (one token's codes of all KV heads packed together, as the
+    runtimes store them), keys and values averaged over layers; index_bits=16 with fp16 is the paper's
+    32 · s · s_n / d_h."""
+    m = dictionary.model
+    bits = 0
+    for kind, ks in (("keys", sparsity_keys), ("values", sparsity_values)):
+        d = dictionary.kind(kind)
+        ib = row_index_bits(index_bits, max(a.shape[0] for a in d.atoms), online_atoms, guard_atoms)
+        bits += sum(CodeLayout(groups=m.n_kv_heads * d.s_n, k=k, index_bits=ib, coef_format=coef_format).nbytes * 8
+                    for k in ks)
+    return bits / (2 * len(sparsity_keys) * m.n_kv_heads * m.head_dim)
+
+
 def check_sparsity(dictionary, sparsity_keys: list[int], sparsity_values: list[int], *, index_bits: int | None,
                    online_atoms: int, guard_atoms: int, coef_format: str) -> None:
     """Per-layer sparsities within what the dictionary allows: 1 ≤ s ≤ the chunk width (more atoms than
     dimensions never lower the error further), and a warning when the codes cost more than an fp16 cache."""
     m = dictionary.model
-    bits = 0
     for kind, ks in (("keys", sparsity_keys), ("values", sparsity_values)):
         d = dictionary.kind(kind)
         width = m.head_dim // d.s_n
@@ -70,11 +84,8 @@ def check_sparsity(dictionary, sparsity_keys: list[int], sparsity_values: list[i
         if bad:
             raise ValueError(f"{kind} sparsity has to be an int in 1..{width} (the width of a {kind[:-1]} chunk, "
                              f"d_h / s_n = {m.head_dim} / {d.s_n}), got {bad[0]!r}")
-        n_atoms = max(a.shape[0] for a in d.atoms)
-        ib = row_index_bits(index_bits, n_atoms, online_atoms, guard_atoms)
-        bits += sum(CodeLayout(groups=m.n_kv_heads * d.s_n, k=k, index_bits=ib, coef_format=coef_format).nbytes * 8
-                    for k in ks)
-    per_channel = bits / (2 * len(sparsity_keys) * m.n_kv_heads * m.head_dim)
+    per_channel = codes_bits_per_channel(dictionary, sparsity_keys, sparsity_values, index_bits=index_bits,
+                                         online_atoms=online_atoms, guard_atoms=guard_atoms, coef_format=coef_format)
     if per_channel > 16:
         warnings.warn(f"these sparsities cost {per_channel:.1f} bits per channel for the codes alone, more than the "
                       f"16 of an fp16 cache: a full-precision cache is smaller and exact", stacklevel=3)

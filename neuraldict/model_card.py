@@ -7,9 +7,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from csr_core.code_layout import CodeLayout, row_index_bits
 from csr_core.defaults import COEF_FORMAT, GUARD_ATOMS, ONLINE_ATOMS
 from csr_core.dictionary_file import KINDS, DictionaryFile
+from csr_core.options import codes_bits_per_channel
 
 
 def card_path(dictionary_path: str | Path) -> Path:
@@ -17,20 +17,11 @@ def card_path(dictionary_path: str | Path) -> Path:
 
 
 def bits_per_channel(d: DictionaryFile, sparsity: int, *, paper: bool) -> float:
-    """Codes alone, keys and values averaged: the paper's int16 + fp16 layout or the packed default."""
-    m = d.model
-    bits = 0
-    for kind in KINDS:
-        k = d.kind(kind)
-        per_chunk = max(1, sparsity // k.s_n) if kind == "values" else sparsity
-        if paper:
-            bits += 32 * per_chunk * k.s_n * m.n_kv_heads
-        else:  # one token's codes of all KV heads are packed together, as the runtimes store them
-            n = max(a.shape[0] for a in k.atoms)
-            layout = CodeLayout(groups=m.n_kv_heads * k.s_n, k=per_chunk,
-                                index_bits=row_index_bits(None, n, ONLINE_ATOMS, GUARD_ATOMS), coef_format=COEF_FORMAT)
-            bits += layout.nbytes * 8
-    return bits / (2 * m.n_kv_heads * m.head_dim)
+    """CSR-s's codes alone, keys and values averaged: the paper's int16 + fp16 layout or the packed default."""
+    n = d.model.n_layers
+    layout = dict(index_bits=16, coef_format="fp16") if paper else dict(index_bits=None, coef_format=COEF_FORMAT)
+    return codes_bits_per_channel(d, [sparsity] * n, [max(1, sparsity // d.values.s_n)] * n, online_atoms=ONLINE_ATOMS,
+                                  guard_atoms=GUARD_ATOMS, **layout)
 
 
 def model_card(d: DictionaryFile, *, command: str | None = None) -> str:
