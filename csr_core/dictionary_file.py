@@ -12,8 +12,12 @@ Version 2 adds, optionally per kind, the coding metric's whitening (see `csr_run
     keys/whiten, keys/unwhiten     : (n_layers, n_kv_heads, d_h, d_h) float32, A and A⁻¹
     values/whiten, values/unwhiten : the same for values
 
-A kind with a whitening has dictionaries trained on A x: the runtimes code A x and decode with A⁻¹.
-Version-1 files (no whitening) still load.
+and, optionally per kind, the mean every vector is coded relative to:
+
+    keys/center, values/center     : (n_layers, n_kv_heads, d_h) float32, μ (pre-RoPE for keys)
+
+A kind's dictionaries are trained on A (x − μ) (A = I without a whitening, μ = 0 without a center): the
+runtimes code A (x − μ) and decode with A⁻¹ x̂ + μ (`coding_space`). Version-1 files (neither) still load.
 Its metadata holds one JSON document under the key ``csr_dictionary``; `docs/dictionary-format.md`
 describes every field. This module needs numpy and safetensors only, never torch: `mlx_backend`
 reads it on a Mac without torch installed. Loading never unpickles.
@@ -78,6 +82,7 @@ class KindDictionaries:
     error_curve: np.ndarray | None = None  # v2: (n_layers, k_max + 1) mean squared error after k atoms per chunk
     whiten: np.ndarray | None = None  # (n_layers, n_kv_heads, d_h, d_h) A, with metric "attention"
     unwhiten: np.ndarray | None = None  # A⁻¹
+    center: np.ndarray | None = None  # (n_layers, n_kv_heads, d_h) μ: vectors are coded as x − μ
 
     def for_layer(self, layer: int) -> np.ndarray:
         return self.atoms[self.layer_to_group[layer]]
@@ -152,6 +157,8 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
         if d.whiten is not None:
             tensors[f"{kind}/whiten"] = np.ascontiguousarray(d.whiten, dtype=np.float32)
             tensors[f"{kind}/unwhiten"] = np.ascontiguousarray(d.unwhiten, dtype=np.float32)
+        if d.center is not None:
+            tensors[f"{kind}/center"] = np.ascontiguousarray(d.center, dtype=np.float32)
     meta = {
         "format_version": FORMAT_VERSION,
         "model": asdict(dictionary.model),
@@ -265,7 +272,7 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
         if not isinstance(n_atoms, list) or not all(type(n) is int for n in n_atoms):
             raise ValueError(f"{path}: field '{kind}.n_atoms' must be a list of ints, got {n_atoms!r}")
         expected |= {f"{kind}/group_{g}" for g in range(len(n_atoms))}
-        expected |= {f"{kind}/{extra}" for extra in ("error_curve", "whiten", "unwhiten")}
+        expected |= {f"{kind}/{extra}" for extra in ("error_curve", "whiten", "unwhiten", "center")}
     unknown = sorted(set(tensors) - expected)
     if unknown:
         raise ValueError(f"{path}: tensors {unknown} are not part of the format (docs/dictionary-format.md)")
@@ -292,6 +299,7 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
             error_curve=tensors.get(f"{kind}/error_curve"),
             whiten=tensors.get(f"{kind}/whiten"),
             unwhiten=tensors.get(f"{kind}/unwhiten"),
+            center=tensors.get(f"{kind}/center"),
         )
         for g, (n, a) in enumerate(zip(n_atoms, atoms)):
             if a.shape[0] != n:
@@ -354,6 +362,10 @@ def _validate(d: DictionaryFile, *, source: str) -> None:
             product = k.whiten.astype(np.float64) @ k.unwhiten.astype(np.float64)
             if np.abs(product - np.eye(head_dim)).max() > 1e-2:
                 raise ValueError(f"{source}: {kind}/unwhiten is not the inverse of {kind}/whiten")
+        shape = (d.model.n_layers, d.model.n_kv_heads, head_dim)
+        if k.center is not None and (tuple(k.center.shape) != shape or not np.isfinite(k.center).all()):
+            raise ValueError(f"{source}: {kind}/center has shape {tuple(k.center.shape)} (or non-finite entries), "
+                             f"expected finite (n_layers, n_kv_heads, d_h) = {shape}")
         width = head_dim // k.s_n
         for g, a in enumerate(k.atoms):
             where = f"{source}: {kind}/group_{g}"
@@ -367,3 +379,15 @@ def _validate(d: DictionaryFile, *, source: str) -> None:
             worst = int(np.argmax(np.abs(norms - 1.0)))
             if abs(norms[worst] - 1.0) > _NORM_TOLERANCE:
                 raise ValueError(f"{where}: atom {worst} has norm {norms[worst]:.4g}, atoms must be unit-norm")
+
+
+def coding_space(vectors: np.ndarray, n_kv_heads: int, center: np.ndarray | None = None,
+                 whiten: np.ndarray | None = None) -> np.ndarray:
+    """One layer's (tokens · H, d_h) head vectors (rows head-minor) → A_h (x − μ_h) float32, the vectors its
+    dictionaries code. center: (H, d_h) μ or None; whiten: (H, d_h, d_h) A or None."""
+    x = np.asarray(vectors, dtype=np.float32).reshape(-1, n_kv_heads, vectors.shape[-1])
+    if center is not None:
+        x = x - center[None].astype(np.float32)
+    if whiten is not None:
+        x = np.einsum("hij,nhj->nhi", whiten.astype(np.float32), x)
+    return x.reshape(len(vectors), -1)

@@ -7,8 +7,9 @@ one power-of-two scale per layer and kind; MP rounds each coefficient before upd
 int8 with a per-vector scale, or fp16; `index_bits=16, coef_format="fp16"` is the paper's int16 + fp16
 layout. Keys are coded **before RoPE**: the attention hands the cache rotated keys, the cache
 un-rotates them with the model's own rotary embedding, codes them, and rotates the reconstruction
-again when the keys are read. With an attention-metric dictionary file (`metric.py`), vectors are
-whitened (A x) before coding and un-whitened (A⁻¹) after decoding.
+again when the keys are read. With a file that carries a center μ, vectors are coded relative to it
+(x − μ, keys before RoPE); with an attention-metric file (`metric.py`) they are whitened (A (x − μ))
+before coding and un-whitened (A⁻¹ x̂ + μ) after decoding.
 
 Per layer, kind and batch row the dictionary is a `Codebook` (`codebook.py`): offline atoms (the
 dictionary file) + online atoms (the prompt's own vectors) + guard atoms, which this cache chooses:
@@ -75,7 +76,8 @@ class _KindStore:
     """Codes and per-row extra atoms of one kind (keys or values) in one layer."""
 
     codebook: Codebook  # offline (shared with the other layers of the group) + each row's online and guard atoms
-    whiten: torch.Tensor | None = None  # (H, d_h, d_h) A of the attention metric: atoms live in the space of A x
+    whiten: torch.Tensor | None = None  # (H, d_h, d_h) A of the attention metric: atoms live in the space of A (x − μ)
+    center: torch.Tensor | None = None  # (H, d_h) μ, the calibration mean every vector is coded relative to
     unwhiten: torch.Tensor | None = None  # A⁻¹
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
     scale: float = 1.0  # fp8 coefficients: power-of-two scale, fixed at the first coded tokens
@@ -94,7 +96,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, layer_idx: int, key_atoms: torch.Tensor, value_atoms: torch.Tensor, rotary_emb, settings: CSRSettings,
-                 rope_memo: dict | None = None, last_layer: bool = True, whitening: dict | None = None):
+                 rope_memo: dict | None = None, last_layer: bool = True, whitening: dict | None = None,
+                 centers: dict | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         # cos/sin of the coded positions are the same for every layer: the first layer of a step computes
@@ -107,6 +110,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.stores = {"keys": _KindStore(codebook(key_atoms)), "values": _KindStore(codebook(value_atoms))}
         for kind, (A, A_inv) in (whitening or {}).items():  # kind → (A, A⁻¹), each (H, d_h, d_h)
             self.stores[kind].whiten, self.stores[kind].unwhiten = A, A_inv
+        for kind, center in (centers or {}).items():  # kind → μ (H, d_h)
+            self.stores[kind].center = center
         self.index_bits = {kind: row_index_bits(settings.index_bits, store.codebook.offline.shape[0], settings.online_atoms,
                                                settings.guard_atoms) for kind, store in self.stores.items()}
         self.n_pad: torch.Tensor | None = None  # (B,) leading padding tokens per row
@@ -126,6 +131,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             store.codebook.to(self.device)
             if store.whiten is not None:
                 store.whiten, store.unwhiten = store.whiten.to(self.device), store.unwhiten.to(self.device)
+            if store.center is not None:
+                store.center = store.center.to(self.device)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -242,7 +249,9 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         l = self.layer_idx
         for kind, x, k, s_n in (("keys", keys, s.sparsity_keys[l], 1), ("values", values.float(), s.sparsity_values[l], s.s_n_values)):
             store = self.stores[kind]
-            if store.whiten is not None:  # code A x: plain L2 there is the attention metric here
+            if store.center is not None:
+                x = x - store.center[None, :, None, :]
+            if store.whiten is not None:  # code A (x − μ): plain L2 there is the attention metric here
                 x = whiten_heads(store.whiten, x)
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
@@ -335,6 +344,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             x = sparse_decode(idx, coef, store.codebook.row(b)).view(H, n, d)
             if store.unwhiten is not None:
                 x = whiten_heads(store.unwhiten, x[None])[0]
+            if store.center is not None:
+                x = x + store.center[:, None, :]
             if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
                 rotate_into(out[b : b + 1, :, S : S + n], x[None], cos[b : b + 1], sin[b : b + 1])
             else:
@@ -447,11 +458,14 @@ class CSRCache(Cache):
             raise ValueError(f"coded_layers must be a non-empty subset of 0..{fingerprint.n_layers - 1}, got {coded_layers}")
         offline = {kind: [torch.from_numpy(a) for a in dictionary.kind(kind).atoms] for kind in ("keys", "values")}
         rope_memo: dict = {}
+        kinds = (("keys", dictionary.keys), ("values", dictionary.values))
         whitening = lambda l: {kind: (torch.from_numpy(d.whiten[l]), torch.from_numpy(d.unwhiten[l]))
-                               for kind, d in (("keys", dictionary.keys), ("values", dictionary.values)) if d.whiten is not None}
+                               for kind, d in kinds if d.whiten is not None}
+        centers = lambda l: {kind: torch.from_numpy(d.center[l]) for kind, d in kinds if d.center is not None}
         layers = [
             CSRLayer(l, offline["keys"][dictionary.keys.layer_to_group[l]], offline["values"][dictionary.values.layer_to_group[l]],
-                     model.model.rotary_emb, self.settings, rope_memo, last_layer=l == coded[-1], whitening=whitening(l))
+                     model.model.rotary_emb, self.settings, rope_memo, last_layer=l == coded[-1], whitening=whitening(l),
+                     centers=centers(l))
             if l in coded else DynamicLayer()  # a layer left out of coded_layers keeps its KV in full precision
             for l in range(fingerprint.n_layers)
         ]

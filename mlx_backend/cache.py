@@ -51,7 +51,8 @@ class CSRSettings:
 @dataclass
 class _KindStore:
     codebook: Codebook  # offline (shared with the other layers of the group) + each row's online and guard atoms
-    whiten: mx.array | None = None  # (H, d_h, d_h) A of the attention metric: atoms live in the space of A x
+    whiten: mx.array | None = None  # (H, d_h, d_h) A of the attention metric: atoms live in the space of A (x − μ)
+    center: mx.array | None = None  # (H, d_h) μ, the calibration mean every vector is coded relative to
     unwhiten: mx.array | None = None  # A⁻¹
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
     scale: float = 1.0  # fp8 coefficients: power-of-two scale, fixed at the first coded tokens
@@ -63,13 +64,16 @@ class _KindStore:
 
 
 class CSRKVCache:
-    def __init__(self, layer_idx: int, key_atoms, value_atoms, rope, settings: CSRSettings, whitening: dict | None = None):
+    def __init__(self, layer_idx: int, key_atoms, value_atoms, rope, settings: CSRSettings, whitening: dict | None = None,
+                 centers: dict | None = None):
         self.layer_idx, self.rope, self.settings = layer_idx, rope, settings
         codebook = lambda atoms: Codebook(mx.array(atoms), settings.online_atoms, settings.guard_atoms,
                                           settings.online_sampling)
         self.stores = {"keys": _KindStore(codebook(key_atoms)), "values": _KindStore(codebook(value_atoms))}
         for kind, (A, A_inv) in (whitening or {}).items():  # kind → (A, A⁻¹), each (H, d_h, d_h)
             self.stores[kind].whiten, self.stores[kind].unwhiten = mx.array(A), mx.array(A_inv)
+        for kind, center in (centers or {}).items():  # kind → μ (H, d_h)
+            self.stores[kind].center = mx.array(center)
         self.index_bits = {kind: row_index_bits(settings.index_bits, store.codebook.offline.shape[0], settings.online_atoms,
                                                 settings.guard_atoms) for kind, store in self.stores.items()}
         self.keys = self.values = None  # full-precision window, keys after RoPE
@@ -164,7 +168,9 @@ class CSRKVCache:
         for kind, x, k, s_n in (("keys", keys, s.sparsity_keys[l], 1),
                                 ("values", values.astype(mx.float32), s.sparsity_values[l], s.s_n_values)):
             store = self.stores[kind]
-            if store.whiten is not None:  # code A x: plain L2 there is the attention metric here
+            if store.center is not None:
+                x = x - store.center[None, :, None, :]
+            if store.whiten is not None:  # code A (x − μ): plain L2 there is the attention metric here
                 x = whiten_heads(store.whiten, x)
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
@@ -229,7 +235,9 @@ class CSRKVCache:
             idx, coef = unpack_codes(store.codes[b], store.layout, scale=store.scale)  # (T, H·s_n, k)
             per_head = lambda a: a.reshape(T, H, s_n, k).transpose(1, 0, 2, 3)
             x = sparse_decode(per_head(idx), per_head(coef), store.codebook.row(b)).reshape(H, T, -1)
-            rows.append(x if store.unwhiten is None else whiten_heads(store.unwhiten, x[None])[0])
+            if store.unwhiten is not None:
+                x = whiten_heads(store.unwhiten, x[None])[0]
+            rows.append(x if store.center is None else x + store.center[:, None, :])
         return mx.stack(rows)
 
     def _decoded_keys(self) -> mx.array:
@@ -289,10 +297,11 @@ def make_csr_cache(
                        sink_tokens=sink_tokens, coef_format=coef_format)
     settings = CSRSettings(sparsity_keys=o["sparsity_keys"], sparsity_values=o["sparsity_values"],
                            s_n_values=dictionary.values.s_n, **{k: o[k] for k in SETTING_FIELDS})
-    whitening = lambda l: {kind: (d.whiten[l], d.unwhiten[l])
-                           for kind, d in (("keys", dictionary.keys), ("values", dictionary.values)) if d.whiten is not None}
+    kinds = (("keys", dictionary.keys), ("values", dictionary.values))
+    whitening = lambda l: {kind: (d.whiten[l], d.unwhiten[l]) for kind, d in kinds if d.whiten is not None}
+    centers = lambda l: {kind: d.center[l] for kind, d in kinds if d.center is not None}
     return [CSRKVCache(l, dictionary.keys.for_layer(l), dictionary.values.for_layer(l), layer.self_attn.rope, settings,
-                       whitening(l))
+                       whitening(l), centers(l))
             for l, layer in enumerate(model.layers)]
 
 

@@ -1,7 +1,7 @@
 """Bits where attention feels them: measure each layer's error curves, and allocate a budget with them.
 
 For every layer λ and kind (keys, values), MP codes held-out (validation) vectors with the layer's
-offline dictionary — in the space the dictionary lives in, so with an attention-metric file the
+offline dictionary — in the space the dictionary lives in (A (x − μ)), so with an attention-metric file the
 error is the attention metric — and records the mean squared error e_λ,kind(k) after k = 0 … k_max
 atoms (MP is greedy: the first k atoms of a k_max-atom code are the k-atom code). Then, from one
 atom everywhere, the next atom goes to the (layer, kind) with the largest
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from csr_core import defaults
 from csr_core.allocation import greedy_allocation
 from csr_core.code_layout import COEF_BITS, index_bits_for
-from csr_core.dictionary_file import KINDS, RUNTIME_KEYS, DictionaryFile, load_dictionary, save_dictionary
+from csr_core.dictionary_file import KINDS, RUNTIME_KEYS, DictionaryFile, coding_space, load_dictionary, save_dictionary
 from csr_runtime.sparse_coding import sparse_encode, split_chunks
 
 
@@ -45,10 +45,8 @@ def error_curves(dictionary: DictionaryFile, vectors, *, max_sparsity: int, max_
         d = dictionary.kind(kind)
         curve = np.zeros((n_layers, max_sparsity + 1))
         for layer in tqdm(range(n_layers), desc=f"Error curves ({kind})", dynamic_ncols=True):
-            x = torch.from_numpy(np.asarray(vectors(layer, kind), dtype=np.float32))
-            if d.whiten is not None:  # the dictionary lives in the space of A x
-                A = torch.from_numpy(d.whiten[layer])
-                x = torch.einsum("hij,nhj->nhi", A, x.view(-1, H, x.shape[-1])).reshape(len(x), -1)
+            x = torch.from_numpy(coding_space(vectors(layer, kind), H, None if d.center is None else d.center[layer],
+                                              None if d.whiten is None else d.whiten[layer]))  # A (x − μ)
             x = x[torch.randperm(len(x), generator=g)[:max_vectors]]
             chunks = split_chunks(x, d.s_n).flatten(0, 1)
             atoms = torch.from_numpy(d.for_layer(layer))

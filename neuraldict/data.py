@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from csr_core.corpus import EMBEDDED_CORPUS
-from csr_core.dictionary_file import KINDS
+from csr_core.dictionary_file import KINDS, coding_space
 from csr_core.models import EMBEDDED_MODEL
 from neuraldict.collect import KVCollection, collect_kv
 from neuraldict.merge import divergence_matrix, group_layers
@@ -45,6 +45,7 @@ class KVDataModule(L.LightningDataModule):
         metric: Literal["l2", "attention"] = "l2",
         metric_tokens: int = 4096,
         metric_distance: int = 2048,
+        center: bool = True,
     ):
         """
         Args:
@@ -69,6 +70,8 @@ class KVDataModule(L.LightningDataModule):
                 vectors and the whitening goes into the dictionary file.
             metric_tokens: calibration tokens (train split) whose queries measure the key metric.
             metric_distance: relative positions 0..metric_distance−1 the key metric averages RoPE over.
+            center: code every vector relative to its layer and head's calibration mean μ (keys before RoPE); μ goes
+                into the dictionary file. Measured better than raw vectors (BENCHMARKS.md "Centering").
         """
         super().__init__()
         if merge not in ("jsd", "none"):
@@ -87,6 +90,7 @@ class KVDataModule(L.LightningDataModule):
         self.train_pools: dict[str, torch.Tensor] = {}
         self.val_pools: dict[str, torch.Tensor] = {}
         self.whitening: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind → (A, A⁻¹): (n_layers, H, d, d)
+        self.centers: dict[str, torch.Tensor] = {}  # kind → μ: (n_layers, H, d), with `center`
 
     def _collect(self, split: str, tokens: int, *, verify: bool = False) -> KVCollection:
         h = self.hparams
@@ -113,10 +117,16 @@ class KVDataModule(L.LightningDataModule):
             self.layer_to_group[kind] = group_layers(self.divergences[kind], delta1=h.delta1, delta2=h.delta2)
         if h.metric == "attention":
             self.whitening = self._attention_whitening(train)
+        if h.center:
+            self.centers = {kind: self._means(train, kind) for kind in KINDS}
         g = torch.Generator().manual_seed(h.seed)
+        H = train.model.n_kv_heads
         for kind in KINDS:
             groups = self.layer_to_group[kind]
-            vectors = lambda collection, l: self._whitened(collection.vectors(l, kind), kind, l)
+            center, whiten = self.centers.get(kind), self.whitening.get(kind, (None,))[0]
+            vectors = lambda collection, l: coding_space(
+                collection.vectors(l, kind), H, None if center is None else center[l].numpy(),
+                None if whiten is None else whiten[l].numpy()).astype(np.float16)
             for group in range(max(groups) + 1):
                 layers = [l for l in range(n_layers) if groups[l] == group]
                 name = f"{kind}/group_{group}"
@@ -125,13 +135,13 @@ class KVDataModule(L.LightningDataModule):
                 keep = torch.randperm(len(held_out), generator=g)[: h.max_val_vectors]
                 self.val_pools[name] = held_out[keep].float()
 
-    def _whitened(self, vectors: np.ndarray, kind: str, layer: int) -> np.ndarray:
-        """(tokens · H, d_h) rows of one layer (head-minor) → A_h x per row (as they are without a whitening)."""
-        if kind not in self.whitening:
-            return vectors
-        A = self.whitening[kind][0][layer]  # (H, d, d)
-        x = torch.from_numpy(vectors.astype(np.float32)).view(-1, A.shape[0], A.shape[-1])
-        return torch.einsum("hij,nhj->nhi", A, x).reshape(len(vectors), -1).half().numpy()
+    @staticmethod
+    def _means(collection: KVCollection, kind: str) -> torch.Tensor:
+        """(n_layers, H, d_h) float32: every layer and head's mean vector over the calibration tokens."""
+        H = collection.model.n_kv_heads
+        means = [collection.vectors(l, kind).reshape(-1, H, collection.model.head_dim).mean(0, dtype=np.float64)
+                 for l in range(collection.model.n_layers)]
+        return torch.from_numpy(np.stack(means).astype(np.float32))
 
     def _attention_whitening(self, collection: KVCollection) -> dict:
         """The attention metric's whitening, measured once and cached next to the shards."""

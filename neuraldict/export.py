@@ -12,13 +12,16 @@ from csr_core.dictionary_file import KINDS, DictionaryFile, KindDictionaries, Mo
 
 CHECKPOINT_KEY = "csr_structure"  # what a NeuralDict checkpoint stores besides its weights
 WHITENING_KEY = "csr_whitening"  # kind → (A, A⁻¹) of the attention metric, where the dictionaries were trained on A x
+CENTER_KEY = "csr_center"  # kind → μ (n_layers, H, d_h): the dictionaries were trained on A (x − μ)
 
 
 def structure_dictionary(
-    atoms: dict[str, torch.Tensor], structure: dict, provenance: dict | None = None, whitening: dict | None = None
+    atoms: dict[str, torch.Tensor], structure: dict, provenance: dict | None = None, whitening: dict | None = None,
+    centers: dict | None = None,
 ) -> DictionaryFile:
-    """atoms: {"keys/group_0": (N, w), ...} + the structure a NeuralDict records (+ its whitening) → a DictionaryFile."""
-    whitening = whitening or {}
+    """atoms: {"keys/group_0": (N, w), ...} + the structure a NeuralDict records (+ its whitening and centers)
+    → a DictionaryFile."""
+    whitening, centers = whitening or {}, centers or {}
     kinds = {}
     for kind in KINDS:
         s = structure[kind]
@@ -28,7 +31,8 @@ def structure_dictionary(
         tensors = [torch.nn.functional.normalize(t, dim=-1).float().numpy().astype(np.float32) for t in tensors]
         A, A_inv = (t.float().numpy() for t in whitening[kind]) if kind in whitening else (None, None)
         kinds[kind] = KindDictionaries(s_n=s["s_n"], sparsity=s["sparsity"], layer_to_group=s["layer_to_group"], atoms=tensors,
-                                       metric=s.get("metric", "l2"), whiten=A, unwhiten=A_inv)
+                                       metric=s.get("metric", "l2"), whiten=A, unwhiten=A_inv,
+                                       center=centers[kind].float().numpy() if kind in centers else None)
     provenance = {"exported": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(provenance or {})}
     return DictionaryFile(ModelFingerprint(**structure["model"]), kinds["keys"], kinds["values"], provenance)
 
@@ -41,7 +45,8 @@ def export_checkpoint(ckpt_path: str, output: str | None = None) -> Path:
     prefix = "dictionaries."
     atoms = {_unescape(k[len(prefix):]): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     provenance = {"checkpoint": str(ckpt_path), "global_step": checkpoint.get("global_step")}
-    dictionary = structure_dictionary(atoms, checkpoint[CHECKPOINT_KEY], provenance, checkpoint.get(WHITENING_KEY))
+    dictionary = structure_dictionary(atoms, checkpoint[CHECKPOINT_KEY], provenance, checkpoint.get(WHITENING_KEY),
+                                      checkpoint.get(CENTER_KEY))
     output = Path(output) if output else Path(ckpt_path).with_suffix(".safetensors")
     from neuraldict.model_card import write_card
 

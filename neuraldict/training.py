@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from csr_core.dictionary_file import INDEX_LIMIT, KINDS, save_dictionary
 from csr_runtime.sparse_coding import sparse_decode, sparse_encode, split_chunks
-from neuraldict.export import CHECKPOINT_KEY, WHITENING_KEY, _escape, structure_dictionary
+from neuraldict.export import CENTER_KEY, CHECKPOINT_KEY, WHITENING_KEY, _escape, structure_dictionary
 from neuraldict.kmeans import kmeans_dictionary
 
 
@@ -123,6 +123,7 @@ class NeuralDict(L.LightningModule):
         self.dictionaries = torch.nn.ParameterDict()
         self.structure: dict = {}
         self.whitening: dict = {}
+        self.centers: dict = {}
         self.initial_errors: dict[str, float] = {}
         self._val_sums: dict[str, torch.Tensor] = {}
 
@@ -146,10 +147,12 @@ class NeuralDict(L.LightningModule):
         self.structure = {
             "model": asdict(dm.fingerprint),
             **{kind: {"s_n": self.s_n(kind), "sparsity": self.sparsity(kind), "layer_to_group": dm.layer_to_group[kind],
-                      "n_atoms": self.hparams.n_atoms, "metric": "attention" if kind in dm.whitening else "l2"}
+                      "n_atoms": self.hparams.n_atoms, "metric": "attention" if kind in dm.whitening else "l2",
+                      **({"center": True} if kind in dm.centers else {})}
                for kind in KINDS},
         }
-        self.whitening = dm.whitening  # kind → (A, A⁻¹): the dictionaries live in the space of A x
+        self.whitening = dm.whitening  # kind → (A, A⁻¹): the dictionaries live in the space of A (x − μ)
+        self.centers = dm.centers  # kind → μ (n_layers, H, d_h)
         if len(self.dictionaries):
             return
         g = torch.Generator().manual_seed(0)
@@ -227,6 +230,7 @@ class NeuralDict(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[CHECKPOINT_KEY] = self.structure
         checkpoint[WHITENING_KEY] = self.whitening
+        checkpoint[CENTER_KEY] = self.centers
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY)
@@ -242,7 +246,7 @@ class NeuralDict(L.LightningModule):
         dm = self.trainer.datamodule
         provenance = {"trainer": "NeuralDict", "corpus": dm.hparams.corpus, "train_tokens": dm.hparams.train_tokens,
                       "global_step": self.global_step, "hparams": dict(self.hparams)}
-        dictionary = structure_dictionary(atoms, self.structure, provenance, self.whitening)
+        dictionary = structure_dictionary(atoms, self.structure, provenance, self.whitening, self.centers)
         # the held-out error after k = 0…k_max atoms per layer: runtimes allocate any bit budget with it
         from neuraldict.allocate import error_curves
 

@@ -140,6 +140,15 @@ def test_fit_exports_a_loadable_dictionary_and_resumes(tiny_model_dir, other_tin
     last = next((tmp_path / "run").rglob("last.ckpt"))
     exported = load_dictionary(export_checkpoint(str(last), str(tmp_path / "from_ckpt.safetensors")))
     np.testing.assert_allclose(exported.keys.atoms[1], dictionary.keys.atoms[1], atol=1e-6)
+    np.testing.assert_array_equal(exported.values.center, dictionary.values.center)
+
+    # center: true (configs/llama.yaml): the file carries each layer and head's calibration mean (keys before RoPE)
+    train = cli.datamodule._collect("train", 1024)
+    for kind in ("keys", "values"):
+        mean = train.vectors(1, kind).reshape(-1, 2, 16).astype(np.float64).mean(0)
+        np.testing.assert_allclose(dictionary.kind(kind).center[1], mean, rtol=1e-4, atol=1e-5)
+    pool = cli.datamodule.train_pools[f"values/group_{dictionary.values.layer_to_group[0]}"].float()
+    assert float(pool.mean(0).norm()) < 0.1 * float(pool.norm(dim=-1).mean())  # dictionaries train on x − μ
 
     # Resume: up to 3 epochs continues from step 3.
     resumed = run_lightning_cli(tiny_fit_args(tiny_model_dir, tmp_path / "run2", "--trainer.max_epochs", "3",
