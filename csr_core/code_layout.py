@@ -3,12 +3,16 @@
 One token's code of one kind (keys or values) holds `groups · k` (index, coefficient) pairs, groups =
 KV heads × chunks (s_n), k atoms per chunk, in two sections:
 
-    indices       groups · k fields of `index_bits`, in (head, chunk, atom) order, written
-                  little-endian into one bit stream padded to whole bytes;
+    bit stream    groups · k fields of `index_bits`, in (head, chunk, atom) order, then (e3m1 only)
+                  groups · k 5-bit coefficient codes in the same order, written little-endian into one
+                  bit stream padded to whole bytes;
     coefficients  byte-aligned, same order: fp8 (E4M3) one byte each; fp16 two bytes each
-                  (little-endian); int8: per head chunk an fp16 scale (2 bytes) then its k int8.
+                  (little-endian); int8: per head chunk an fp16 scale (2 bytes) then its k int8;
+                  e3m1: none (they are in the bit stream).
 
-Coefficients are byte-aligned so a runtime reads them as one typed view, without bit arithmetic.
+e3m1 is a 5-bit float: sign, 3 exponent bits, 1 mantissa bit, times one power-of-two scale per layer and
+kind; code 0 of the magnitude is zero (`E3M1_MAGNITUDES`). fp8/fp16/int8 coefficients are byte-aligned
+so a runtime reads them as one typed view, without bit arithmetic.
 See `code_packing` (torch) and `mlx_backend.code_packing`.
 """
 
@@ -18,10 +22,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-CoefFormat = Literal["fp16", "fp8", "int8"]
-COEF_FORMATS = ("fp16", "fp8", "int8")
-COEF_BITS = {"fp16": 16, "fp8": 8, "int8": 8}
+CoefFormat = Literal["fp16", "fp8", "int8", "e3m1"]
+COEF_FORMATS = ("fp16", "fp8", "int8", "e3m1")
+COEF_BITS = {"fp16": 16, "fp8": 8, "int8": 8, "e3m1": 5}
 FP8_MAX = 448.0  # largest finite E4M3 value
+# the 16 magnitudes of an e3m1 code (sign in bit 4): 0, then (1 + m/2) · 2^(e − 7) for (e, m) ≠ (0, 0)
+E3M1_MAGNITUDES = tuple([0.0] + [(1 + m / 2) * 2.0 ** (e - 7) for e in range(8) for m in range(2)][1:])
+E3M1_MAX = E3M1_MAGNITUDES[-1]  # 1.5
 
 
 def index_bits_for(n_atoms: int) -> int:
@@ -33,9 +40,17 @@ def index_bits_for(n_atoms: int) -> int:
 
 def fp8_scale(max_norm: float) -> float:
     """Power-of-two scale with max_norm / scale ≤ 448 (E4M3's range): |c| ≤ ‖x‖ for unit atoms."""
-    if not math.isfinite(max_norm) or max_norm <= 0:
+    return coefficient_scale("fp8", max_norm)
+
+
+def coefficient_scale(coef_format: str, max_norm: float) -> float:
+    """The power-of-two scale of a layer and kind's coefficients: max_norm / scale ≤ the format's largest
+    value (448 for fp8, 1.5 for e3m1), so the first MP coefficient, |c| ≤ ‖x‖ for unit atoms, never saturates.
+    1 for fp16 and int8 (int8 scales each vector itself)."""
+    top = {"fp8": FP8_MAX, "e3m1": E3M1_MAX}.get(coef_format)
+    if top is None or not math.isfinite(max_norm) or max_norm <= 0:
         return 1.0
-    return 2.0 ** math.ceil(math.log2(max_norm / FP8_MAX))
+    return 2.0 ** math.ceil(math.log2(max_norm / top))
 
 
 @dataclass(frozen=True)
@@ -59,16 +74,20 @@ class CodeLayout:
 
     @property
     def widths(self) -> list[int]:
-        """Bit width of every index field of one token, in stream order."""
-        return [self.index_bits] * (self.groups * self.k)
+        """Bit width of every field of one token's bit stream, in stream order (indices, then e3m1 coefficients)."""
+        coefs = [COEF_BITS["e3m1"]] * (self.groups * self.k) if self.coef_format == "e3m1" else []
+        return [self.index_bits] * (self.groups * self.k) + coefs
 
     @property
     def index_bytes(self) -> int:
-        """Bytes of the index section (the bit stream rounded up to whole bytes)."""
+        """Bytes of the bit stream (indices, and e3m1 coefficients), rounded up to whole bytes."""
         return (sum(self.widths) + 7) // 8
 
     @property
     def coef_bytes(self) -> int:
+        """Bytes of the byte-aligned coefficient section (0 for e3m1: its codes are in the bit stream)."""
+        if self.coef_format == "e3m1":
+            return 0
         per_atom = COEF_BITS[self.coef_format] // 8
         scales = 2 * self.groups if self.coef_format == "int8" else 0
         return self.groups * self.k * per_atom + scales

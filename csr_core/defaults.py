@@ -10,6 +10,6 @@ GUARD_ATOMS = 64  # per layer, kind and batch row: outliers stored as their own 
 GUARD_THRESHOLD = 0.3  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
 SINK_TOKENS = 4  # first tokens of each row kept exact
 WINDOW = 0  # newest tokens kept exact
-COEF_FORMAT = "fp8"  # "fp8" (E4M3) | "int8" | "fp16"
+COEF_FORMAT = "fp8"  # "fp8" (E4M3) | "e3m1" (5 bits) | "int8" | "fp16"
 INDEX_BITS = None  # None: ⌈log2(offline + online + guard atoms)⌉; 16 with "fp16" is the paper's layout
 KEY_WEIGHT = 1.0  # allocation: exchange rate of key error against value error (csr_core/allocation.py)

@@ -4,7 +4,8 @@ Each layer's cache (`CSRLayer`, a `CacheLayerMixin` as `QuantizedLayer` is) stor
 (index, coefficient) pairs of every KV head's key (s atoms) and value (s_n · s_v atoms), **bit-packed**
 (`code_packing.py`): indices in ⌈log2(atoms a row can address)⌉ bits, coefficients in fp8 (E4M3,
 one power-of-two scale per layer and kind; MP rounds each coefficient before updating its residual),
-int8 with a per-vector scale, or fp16; `index_bits=16, coef_format="fp16"` is the paper's int16 + fp16
+5-bit e3m1 floats (same scale, in the bit stream), int8 with a per-vector scale, or fp16;
+`index_bits=16, coef_format="fp16"` is the paper's int16 + fp16
 layout. Keys are coded **before RoPE**: the attention hands the cache rotated keys, the cache
 un-rotates them with the model's own rotary embedding, codes them, and rotates the reconstruction
 again when the keys are read. With a file that carries a center μ, vectors are coded relative to it
@@ -41,7 +42,7 @@ from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
     CoefFormat,
-    fp8_scale,
+    coefficient_scale,
     pack_codes,
     quantize_coefficients,
     unpack_codes,
@@ -256,7 +257,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
-                store.scale = fp8_scale(float(chunks.norm(dim=-1).max()))
+                store.scale = coefficient_scale(s.coef_format, float(chunks.norm(dim=-1).max()))
             store.codebook.start(B)
             if build_online:
                 self._add_online(store, chunks, real)

@@ -12,7 +12,9 @@ the indices bit-packed little-endian, then the coefficients byte-aligned, so a t
 - ``fp16``: IEEE half, the paper's layout with ``index_bits = 16`` (32 bits an atom, byte-aligned);
 - ``fp8``: E4M3 of ``coef / scale`` with one power-of-two ``scale`` per layer and kind (set from the
   largest vector norm seen at prefill, so the first MP coefficient, |c| ≤ ‖x‖, never saturates);
-- ``int8``: symmetric int8 with one fp16 scale per head chunk (max |c| / 127), counted in the stream.
+- ``int8``: symmetric int8 with one fp16 scale per head chunk (max |c| / 127), counted in the stream;
+- ``e3m1``: a 5-bit float (sign, 3 exponent bits, 1 mantissa bit) of ``coef / scale``, one power-of-two
+  ``scale`` per layer and kind as for fp8, written into the bit stream after the indices.
 
 `mlx_backend.code_packing` reads and writes the same bytes (a parity test checks it).
 """
@@ -21,10 +23,36 @@ from __future__ import annotations
 
 import torch
 
-from csr_core.code_layout import COEF_BITS, COEF_FORMATS, FP8_MAX, CodeLayout, CoefFormat, fp8_scale, index_bits_for
+from csr_core.code_layout import (
+    COEF_BITS,
+    COEF_FORMATS,
+    E3M1_MAGNITUDES,
+    FP8_MAX,
+    CodeLayout,
+    CoefFormat,
+    coefficient_scale,
+    fp8_scale,
+    index_bits_for,
+)
 
-__all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "fp8_scale", "index_bits_for",
-           "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]
+__all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "coefficient_scale", "fp8_scale",
+           "index_bits_for", "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]
+
+_E3M1_TABLE = torch.tensor(E3M1_MAGNITUDES, dtype=torch.float32)
+_E3M1_MIDPOINTS = (_E3M1_TABLE[1:] + _E3M1_TABLE[:-1]) / 2
+
+
+def e3m1_codes(coef: torch.Tensor, scale: float) -> torch.Tensor:
+    """coef → int32 5-bit codes: sign in bit 4, the nearest of the 16 magnitudes of coef / scale in bits 0–3."""
+    a = (coef.float() / scale).abs()
+    magnitude = (a[..., None] > _E3M1_MIDPOINTS.to(a.device)).sum(-1, dtype=torch.int32)
+    return magnitude | (((coef < 0) & (magnitude > 0)).int() << 4)
+
+
+def e3m1_values(codes: torch.Tensor, scale: float) -> torch.Tensor:
+    """The inverse of `e3m1_codes`: 5-bit codes → float32 coefficients."""
+    magnitude = _E3M1_TABLE.to(codes.device)[(codes & 15).long()]
+    return torch.where((codes >> 4) & 1 == 1, -magnitude, magnitude) * scale
 
 def pack_fields(values: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
     """values: (n, F) integers in [0, 2^width) per field → (n, index_bytes) uint8 little-endian bit stream.
@@ -79,6 +107,8 @@ def quantize_coefficients(coef: torch.Tensor, coef_format: CoefFormat, scale: fl
     if coef_format == "fp8":
         q = (coef / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return q.float() * scale
+    if coef_format == "e3m1":
+        return e3m1_values(e3m1_codes(coef, scale), scale)
     raise ValueError(f"coefficients in {coef_format!r} are quantised per vector after coding, not one by one")
 
 
@@ -91,6 +121,8 @@ def pack_codes(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout, *, sca
         raise ValueError(f"index {int(idx.max())} does not fit in index_bits = {layout.index_bits}")
     fmt = layout.coef_format
     coef = coef.float()
+    if fmt == "e3m1":  # indices and coefficient codes share the bit stream
+        return pack_fields(torch.cat([idx.reshape(n, -1), e3m1_codes(coef, scale).reshape(n, -1)], dim=1), layout)
     if fmt == "fp16":
         c = coef.half().contiguous().view(torch.uint8)  # (n, G, 2k), little-endian on every platform we run on
     elif fmt == "fp8":
@@ -105,10 +137,13 @@ def pack_codes(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout, *, sca
 def unpack_codes(packed: torch.Tensor, layout: CodeLayout, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, nbytes) uint8 → idx (n, groups, k) int32, coef (n, groups, k) float32."""
     n, G, k = packed.shape[0], layout.groups, layout.k
-    idx = unpack_fields(packed[:, : layout.index_bytes], layout).view(n, G, k)
+    fields = unpack_fields(packed[:, : layout.index_bytes], layout)
+    idx = fields[:, : G * k].reshape(n, G, k)
     c = packed[:, layout.index_bytes :].contiguous()
     fmt = layout.coef_format
-    if fmt == "fp16":
+    if fmt == "e3m1":
+        coef = e3m1_values(fields[:, G * k :], scale).view(n, G, k)
+    elif fmt == "fp16":
         coef = c.view(torch.float16).float().view(n, G, k)
     elif fmt == "fp8":
         coef = c.view(torch.float8_e4m3fn).float().view(n, G, k) * scale

@@ -25,7 +25,7 @@ from csr_core import defaults
 from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_core.settings import SETTING_FIELDS, cache_settings
-from mlx_backend.code_packing import CodeLayout, fp8_scale, pack_codes, quantize_coefficients, unpack_codes
+from mlx_backend.code_packing import CodeLayout, coefficient_scale, pack_codes, quantize_coefficients, unpack_codes
 from mlx_backend.codebook import Codebook
 from mlx_backend.metric import apply as whiten_heads
 from mlx_backend.rope import rotate, unrotate
@@ -175,7 +175,7 @@ class CSRKVCache:
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
-                store.scale = fp8_scale(mx.max(mx.linalg.norm(chunks, axis=-1)).item())
+                store.scale = coefficient_scale(s.coef_format, mx.max(mx.linalg.norm(chunks, axis=-1)).item())
             store.codebook.start(B)
             if build_online:
                 self._add_online(store, chunks)

@@ -8,10 +8,36 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from csr_core.code_layout import COEF_BITS, COEF_FORMATS, FP8_MAX, CodeLayout, fp8_scale, index_bits_for
+from csr_core.code_layout import (
+    COEF_BITS,
+    COEF_FORMATS,
+    E3M1_MAGNITUDES,
+    FP8_MAX,
+    CodeLayout,
+    coefficient_scale,
+    fp8_scale,
+    index_bits_for,
+)
 
-__all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "fp8_scale", "index_bits_for",
+__all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "coefficient_scale", "fp8_scale", "index_bits_for",
            "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]
+
+_E3M1_TABLE = mx.array(E3M1_MAGNITUDES, dtype=mx.float32)
+_E3M1_MIDPOINTS = (_E3M1_TABLE[1:] + _E3M1_TABLE[:-1]) / 2
+
+
+def e3m1_codes(coef: mx.array, scale: float) -> mx.array:
+    """coef → int32 5-bit codes: sign in bit 4, the nearest of the 16 magnitudes of coef / scale in bits 0–3."""
+    a = mx.abs(coef.astype(mx.float32) / scale)
+    magnitude = mx.sum(a[..., None] > _E3M1_MIDPOINTS, axis=-1).astype(mx.int32)
+    negative = mx.logical_and(coef < 0, magnitude > 0).astype(mx.int32)
+    return mx.bitwise_or(magnitude, mx.left_shift(negative, 4))
+
+
+def e3m1_values(codes: mx.array, scale: float) -> mx.array:
+    """The inverse of `e3m1_codes`: 5-bit codes → float32 coefficients."""
+    magnitude = _E3M1_TABLE[mx.bitwise_and(codes, 15)]
+    return mx.where(mx.bitwise_and(mx.right_shift(codes, 4), 1) == 1, -magnitude, magnitude) * scale
 
 def pack_fields(values: mx.array, layout: CodeLayout) -> mx.array:
     """values: (n, F) integers in [0, 2^width) → (n, index_bytes) uint8 little-endian bit stream (scatter-add
@@ -45,6 +71,8 @@ def quantize_coefficients(coef: mx.array, coef_format: str, scale: float = 1.0) 
         return coef.astype(mx.float16).astype(mx.float32)
     if coef_format == "fp8":
         return mx.from_fp8(mx.to_fp8(mx.clip(coef / scale, -FP8_MAX, FP8_MAX)), dtype=mx.float32) * scale
+    if coef_format == "e3m1":
+        return e3m1_values(e3m1_codes(coef, scale), scale)
     raise ValueError(f"coefficients in {coef_format!r} are quantised per vector after coding, not one by one")
 
 
@@ -57,6 +85,8 @@ def pack_codes(idx: mx.array, coef: mx.array, layout: CodeLayout, *, scale: floa
         raise ValueError(f"index {mx.max(idx).item()} does not fit in index_bits = {layout.index_bits}")
     fmt = layout.coef_format
     coef = coef.astype(mx.float32)
+    if fmt == "e3m1":  # indices and coefficient codes share the bit stream
+        return pack_fields(mx.concatenate([idx.reshape(n, -1), e3m1_codes(coef, scale).reshape(n, -1)], axis=1), layout)
     if fmt == "fp16":
         c = mx.contiguous(coef.astype(mx.float16)).view(mx.uint8)  # (n, G, 2k)
     elif fmt == "fp8":
@@ -71,10 +101,13 @@ def pack_codes(idx: mx.array, coef: mx.array, layout: CodeLayout, *, scale: floa
 def unpack_codes(packed: mx.array, layout: CodeLayout, *, scale: float = 1.0) -> tuple[mx.array, mx.array]:
     """(n, nbytes) uint8 → idx (n, groups, k) int32, coef (n, groups, k) float32."""
     n, G, k = packed.shape[0], layout.groups, layout.k
-    idx = unpack_fields(packed[:, : layout.index_bytes], layout).reshape(n, G, k)
+    fields = unpack_fields(packed[:, : layout.index_bytes], layout)
+    idx = fields[:, : G * k].reshape(n, G, k)
     c = mx.contiguous(packed[:, layout.index_bytes :])
     fmt = layout.coef_format
-    if fmt == "fp16":
+    if fmt == "e3m1":
+        coef = e3m1_values(fields[:, G * k :], scale).reshape(n, G, k)
+    elif fmt == "fp16":
         coef = c.view(mx.float16).astype(mx.float32).reshape(n, G, k)
     elif fmt == "fp8":
         coef = mx.from_fp8(c, dtype=mx.float32).reshape(n, G, k) * scale

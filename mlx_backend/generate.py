@@ -40,7 +40,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help=f"default: the dictionary file's setting, else {defaults.WINDOW}")
     p.add_argument("--sink-tokens", type=int, default=None,
                    help=f"default: the dictionary file's setting, else {defaults.SINK_TOKENS}")
-    p.add_argument("--coef-format", default=None, choices=["fp8", "int8", "fp16"],
+    p.add_argument("--coef-format", default=None, choices=["fp8", "int8", "fp16", "e3m1"],
                    help=f"default: the dictionary file's setting, else {defaults.COEF_FORMAT}")
     return p
 

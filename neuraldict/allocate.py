@@ -84,7 +84,7 @@ def allocate(
         max_sparsity: most atoms per chunk one layer may get.
         online_atoms, guard_atoms: the extra atoms a runtime adds (they set the index width: ⌈log2(N + extra)⌉);
             default: `runtime`'s, else csr_core.defaults.
-        coef_format: the runtime's coefficient format ("fp8", "int8", "fp16"), for the bits of one atom; default as above.
+        coef_format: the runtime's coefficient format ("fp8", "e3m1", "int8", "fp16"), for the bits of one atom; default as above.
         corpus: text whose validation split gives the vectors (default: the file's training corpus).
         tokens: validation tokens.
         model: the model (default: the file's model_id).

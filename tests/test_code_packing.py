@@ -6,6 +6,9 @@ import torch
 from csr_runtime.code_packing import (
     COEF_FORMATS,
     CodeLayout,
+    coefficient_scale,
+    e3m1_codes,
+    e3m1_values,
     fp8_scale,
     index_bits_for,
     pack_codes,
@@ -42,7 +45,7 @@ def test_codes_round_trip(coef_format):
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 2048, (200, 6, 3), generator=g)
     coef = torch.randn(200, 6, 3, generator=g) * 5
-    scale = fp8_scale(40.0)
+    scale = coefficient_scale(coef_format, 40.0)
     got_idx, got_coef = unpack_codes(pack_codes(idx, coef, layout, scale=scale), layout, scale=scale)
     assert torch.equal(got_idx, idx)  # indices exact
     if coef_format == "int8":  # per head chunk: max |c| / 127 in fp16, round to nearest
@@ -50,6 +53,18 @@ def test_codes_round_trip(coef_format):
         assert ((got_coef - coef).abs() <= 0.5 * step * 1.01 + 1e-3).all()
     else:  # exactly what MP's quantiser said the stored value would be
         assert torch.equal(got_coef, quantize_coefficients(coef, coef_format, scale))
+
+
+def test_e3m1_codes_known_answer_and_error_bound():
+    # sign in bit 4, magnitude index into 0, 1.5·2⁻⁷, 2⁻⁶, …, 1, 1.5 (E3M1_MAGNITUDES)
+    coef = torch.tensor([1.5, -1.0, 0.75, 0.0, -1.5 * 2**-7, 9.0, 0.001])
+    assert e3m1_codes(coef, 1.0).tolist() == [15, 16 | 14, 13, 0, 16 | 1, 15, 0]
+    assert e3m1_codes(coef * 8, 8.0).tolist() == e3m1_codes(coef, 1.0).tolist()  # power-of-two scales are exact
+    x = torch.linspace(2**-6, 1.5, 10001)
+    assert ((e3m1_values(e3m1_codes(x, 1.0), 1.0) - x).abs() / x).max() <= 0.2 + 1e-6  # nearest of steps ≤ 1.5×
+    layout = CodeLayout(groups=3, k=3, index_bits=11, coef_format="e3m1")
+    assert layout.nbytes == (3 * 3 * (11 + 5) + 7) // 8 and layout.coef_bytes == 0  # one bit stream, no byte section
+    assert coefficient_scale("e3m1", 6.0) == 4.0 and coefficient_scale("int8", 6.0) == 1.0
 
 
 def test_fp8_scale_keeps_the_largest_norm_in_range():

@@ -180,7 +180,7 @@ def test_trim_matches_kvcache(remove):
     np.testing.assert_allclose(np.array(model(tail, cache=csr)), np.array(model(tail, cache=plain)), atol=2e-3)
 
 
-@pytest.mark.parametrize("coef_format", ["fp16", "fp8", "int8"])
+@pytest.mark.parametrize("coef_format", ["fp16", "fp8", "int8", "e3m1"])
 def test_packed_codes_are_the_same_bytes_in_both_runtimes(coef_format):
     from csr_runtime import code_packing as tp
     from mlx_backend import code_packing as mp
@@ -189,7 +189,7 @@ def test_packed_codes_are_the_same_bytes_in_both_runtimes(coef_format):
     rng = np.random.default_rng(0)
     idx = rng.integers(0, 2048, (300, 3, 3))
     coef = (rng.standard_normal((300, 3, 3)) * 4).astype(np.float32)
-    scale = tp.fp8_scale(30.0)
+    scale = tp.coefficient_scale(coef_format, 30.0)
     packed_t = tp.pack_codes(torch.from_numpy(idx), torch.from_numpy(coef), layout, scale=scale).numpy()
     packed_m = np.array(mp.pack_codes(mx.array(idx), mx.array(coef), layout, scale=scale))
     assert np.array_equal(packed_t, packed_m)  # one layout: bytes written by one runtime read by the other
