@@ -38,6 +38,7 @@ from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_core.models import check_supported, model_fingerprint
 from csr_core.settings import SETTING_FIELDS, cache_settings
+from csr_runtime.attention import CSR_ATTENTION, CodedValues
 from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
@@ -98,8 +99,9 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
 
     def __init__(self, layer_idx: int, key_atoms: torch.Tensor, value_atoms: torch.Tensor, rotary_emb, settings: CSRSettings,
                  rope_memo: dict | None = None, last_layer: bool = True, whitening: dict | None = None,
-                 centers: dict | None = None):
+                 centers: dict | None = None, config=None):
         super().__init__()
+        self.config = config  # the model's: with attention "csr_codes", values go to the attention as codes
         self.layer_idx = layer_idx
         # cos/sin of the coded positions are the same for every layer: the first layer of a step computes
         # them, the others reuse them, the last layer frees them (nothing is held between steps)
@@ -150,7 +152,10 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         # The attention of this call sees the compressed past plus its own tokens exactly (as in
         # transformers' QuantizedLayer); the new tokens are coded for later calls afterwards.
         keys_out = self._assemble("keys", self.keys, key_states)
-        values_out = self._assemble("values", self.values, value_states)
+        if getattr(self.config, "_attn_implementation", None) == CSR_ATTENTION:
+            values_out = self._coded_values(value_states)
+        else:
+            values_out = self._assemble("values", self.values, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         overflow = self.keys.shape[-2] - self.settings.window
@@ -353,6 +358,18 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
                 out[b, :, S : S + n] = x
         return out
 
+    def _coded_values(self, new: torch.Tensor) -> CodedValues:
+        """The values as `csr_runtime.attention` aggregates them: exact sinks, the codes, exact window + new."""
+        store, H = self.stores["values"], new.shape[1]
+        idx, coef, rows = [], [], []
+        for b in range(new.shape[0] if self.n_coded else 0):
+            i, c = self._unpacked(store, b, H, self.settings.s_n_values)
+            idx.append(i)
+            coef.append(c)
+            rows.append(store.codebook.row(b))
+        return CodedValues(self.sink_values, torch.cat([self.values, new], dim=-2), idx, coef, rows, store.center,
+                           store.unwhiten)
+
     def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of every held token, as the next step's attention will read them."""
         empty = lambda t: t[..., :0, :]
@@ -466,7 +483,7 @@ class CSRCache(Cache):
         layers = [
             CSRLayer(l, offline["keys"][dictionary.keys.layer_to_group[l]], offline["values"][dictionary.values.layer_to_group[l]],
                      model.model.rotary_emb, self.settings, rope_memo, last_layer=l == coded[-1], whitening=whitening(l),
-                     centers=centers(l))
+                     centers=centers(l), config=model.config)
             if l in coded else DynamicLayer()  # a layer left out of coded_layers keeps its KV in full precision
             for l in range(fingerprint.n_layers)
         ]

@@ -1,0 +1,113 @@
+"""Values aggregated as codes: an attention function for transformers' `AttentionInterface`.
+
+A CSR cache's values are v_t = A⁻¹ Σ_k c_tk D[i_tk] + μ. The attention output Σ_t w_t v_t needs no v_t:
+
+    Σ_t w_t v_t = A⁻¹ (a @ D) + μ Σ_t w_t,     a[n] = Σ_t w_t Σ_k c_tk [i_tk = n]
+
+— scatter the attention weights times the coefficients onto the atoms (a: one weight per atom), then one
+product with the dictionary (N × w). The coded values are never rebuilt (`benchmarks/sparse_value_aggregation.py`
+measures the kernel alone). Keys are still decoded and rotated: RoPE makes q·k position-dependent.
+
+    import csr_runtime.attention                                # registers "csr_codes"
+    model.set_attn_implementation("csr_codes")                  # or from_pretrained(..., attn_implementation=...)
+    cache = CSRCache(model, dictionary)                         # sees the setting: hands values over as codes
+
+With "csr_codes" selected, a `CSRLayer` returns its values as `CodedValues` (exact sinks and window, the codes
+in between); with any other attention it returns dense values as always. Values that are plain tensors
+(another cache, or layers left out of `coded_layers`) take the dense product, with a one-time notice.
+The softmax is eager attention's (float32), so logits match eager attention with the dense CSR path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import eager_mask
+
+CSR_ATTENTION = "csr_codes"
+
+
+@dataclass
+class CodedValues:
+    """One layer's values for one attention call: [front (exact)] [coded] [back (exact)] along the sequence.
+
+    Per batch row b: idx[b], coef[b] (H, n, s_n, k) of the coded slots and rows[b], the (N_b, w) atoms they
+    index — captured when the cache hands them over, before it codes the call's overflow."""
+
+    front: torch.Tensor  # (B, H, S, d) sink values
+    back: torch.Tensor  # (B, H, W + T, d) window and the call's new values
+    idx: list[torch.Tensor]
+    coef: list[torch.Tensor]
+    rows: list[torch.Tensor]
+    center: torch.Tensor | None = None  # (H, d) μ
+    unwhiten: torch.Tensor | None = None  # (H, d, d) A⁻¹
+
+    @property
+    def n_coded(self) -> int:
+        return self.idx[0].shape[1] if self.idx else 0
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        B, H, _, d = self.back.shape
+        return B, H, self.front.shape[2] + self.n_coded + self.back.shape[2], d
+
+    def aggregate(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights: (B, H, G, T, S) attention weights of the G query heads of each KV head → (B, H, G, T, d)."""
+        S0, n = self.front.shape[2], self.n_coded
+        front, coded, back = weights.split([S0, n, weights.shape[-1] - S0 - n], dim=-1)
+        out = front @ self.front[:, :, None].to(weights.dtype) + back @ self.back[:, :, None].to(weights.dtype)
+        if n == 0:
+            return out
+        parts = []
+        for b in range(out.shape[0]):
+            parts.append(self._coded_output(coded[b].float(), self.idx[b], self.coef[b], self.rows[b]))
+        return out + torch.stack(parts).to(out.dtype)
+
+    def _coded_output(self, w: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+        """w: (H, G, T, n), idx/coef: (H, n, s_n, k), atoms: (N, width) → Σ_t w_t v_t over the coded slots: (H, G, T, d)."""
+        H, G, T, n = w.shape
+        s_n, k = idx.shape[2], idx.shape[3]
+        # a[h, g, t, chunk, atom] = Σ_slot w[h, g, t, slot] · Σ_k coef[h, slot, chunk, k] · [idx = atom]
+        src = (w[..., None, None] * coef[:, None, None]).permute(0, 1, 2, 4, 3, 5).reshape(H, G, T, s_n, n * k)
+        index = idx.long().permute(0, 2, 1, 3).reshape(H, 1, 1, s_n, n * k).expand(H, G, T, s_n, n * k)
+        a = torch.zeros(H, G, T, s_n, atoms.shape[0], device=w.device).scatter_add_(-1, index, src)
+        x = (a @ atoms.float()).reshape(H, G, T, s_n * atoms.shape[1])
+        if self.unwhiten is not None:
+            x = torch.einsum("hij,hgtj->hgti", self.unwhiten.float(), x)
+        if self.center is not None:
+            x = x + w.sum(-1)[..., None] * self.center.float()[:, None, None, :]
+        return x
+
+
+_noticed = False
+
+
+def csr_attention(module, query: torch.Tensor, key: torch.Tensor, value, attention_mask: torch.Tensor | None,
+                  scaling: float, dropout: float = 0.0, **kwargs):
+    """transformers' attention signature: query (B, Hq, T, d), key (B, H, S, d), value a tensor or `CodedValues`
+    → (attn_output (B, T, Hq, d), attn_weights (B, Hq, T, S))."""
+    global _noticed
+    B, Hq, T, d = query.shape
+    H = key.shape[1]
+    G = Hq // H
+    scores = (query.view(B, H, G, T, d) @ key[:, :, None].transpose(-1, -2)) * scaling  # (B, H, G, T, S)
+    if attention_mask is not None:  # eager's additive mask (B, 1, T, S)
+        scores = scores + attention_mask[:, :, None, :, : key.shape[2]]
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    if isinstance(value, CodedValues):
+        out = value.aggregate(weights)
+    else:
+        if not _noticed:
+            warnings.warn(f"{CSR_ATTENTION!r} attention got dense values (not a CSRCache layer): computing the dense "
+                          f"product for these", stacklevel=2)
+            _noticed = True
+        out = weights @ value[:, :, None]
+    return out.reshape(B, Hq, T, -1).transpose(1, 2).contiguous(), weights.reshape(B, Hq, T, -1)
+
+
+AttentionInterface.register(CSR_ATTENTION, csr_attention)
+AttentionMaskInterface.register(CSR_ATTENTION, eager_mask)
