@@ -34,20 +34,20 @@ CSR_ATTENTION = "csr_codes"
 class CodedValues:
     """One layer's values for one attention call: [front (exact)] [coded] [back (exact)] along the sequence.
 
-    Per batch row b: idx[b], coef[b] (H, n, s_n, k) of the coded slots and rows[b], the (N_b, w) atoms they
-    index — captured when the cache hands them over, before it codes the call's overflow."""
+    idx, coef: (B, H, n, s_n, k) of the coded slots, idx pointing into `table` (every row's atoms, see
+    `Codebook.batch_table`) — captured when the cache hands them over, before it codes the call's overflow."""
 
     front: torch.Tensor  # (B, H, S, d) sink values
     back: torch.Tensor  # (B, H, W + T, d) window and the call's new values
-    idx: list[torch.Tensor]
-    coef: list[torch.Tensor]
-    rows: list[torch.Tensor]
+    idx: torch.Tensor | None  # None: nothing coded yet
+    coef: torch.Tensor | None
+    table: torch.Tensor  # (N_total, w) float32
     center: torch.Tensor | None = None  # (H, d) μ
     unwhiten: torch.Tensor | None = None  # (H, d, d) A⁻¹
 
     @property
     def n_coded(self) -> int:
-        return self.idx[0].shape[1] if self.idx else 0
+        return 0 if self.idx is None else self.idx.shape[2]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -59,26 +59,21 @@ class CodedValues:
         S0, n = self.front.shape[2], self.n_coded
         front, coded, back = weights.split([S0, n, weights.shape[-1] - S0 - n], dim=-1)
         out = front @ self.front[:, :, None].to(weights.dtype) + back @ self.back[:, :, None].to(weights.dtype)
-        if n == 0:
-            return out
-        parts = []
-        for b in range(out.shape[0]):
-            parts.append(self._coded_output(coded[b].float(), self.idx[b], self.coef[b], self.rows[b]))
-        return out + torch.stack(parts).to(out.dtype)
+        return out if n == 0 else out + self._coded_output(coded.float()).to(out.dtype)
 
-    def _coded_output(self, w: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
-        """w: (H, G, T, n), idx/coef: (H, n, s_n, k), atoms: (N, width) → Σ_t w_t v_t over the coded slots: (H, G, T, d)."""
-        H, G, T, n = w.shape
-        s_n, k = idx.shape[2], idx.shape[3]
-        # a[h, g, t, chunk, atom] = Σ_slot w[h, g, t, slot] · Σ_k coef[h, slot, chunk, k] · [idx = atom]
-        src = (w[..., None, None] * coef[:, None, None]).permute(0, 1, 2, 4, 3, 5).reshape(H, G, T, s_n, n * k)
-        index = idx.long().permute(0, 2, 1, 3).reshape(H, 1, 1, s_n, n * k).expand(H, G, T, s_n, n * k)
-        a = torch.zeros(H, G, T, s_n, atoms.shape[0], device=w.device).scatter_add_(-1, index, src)
-        x = (a @ atoms.float()).reshape(H, G, T, s_n * atoms.shape[1])
+    def _coded_output(self, w: torch.Tensor) -> torch.Tensor:
+        """w: (B, H, G, T, n) → Σ_t w_t v_t over the coded slots: (B, H, G, T, d)."""
+        B, H, G, T, n = w.shape
+        s_n, k = self.idx.shape[3], self.idx.shape[4]
+        # a[b, h, g, t, chunk, atom] = Σ_slot w[b, h, g, t, slot] · Σ_k coef[b, h, slot, chunk, k] · [idx = atom]
+        src = (w[..., None, None] * self.coef[:, :, None, None]).transpose(4, 5).reshape(B, H, G, T, s_n, n * k)
+        index = self.idx.long().transpose(2, 3).reshape(B, H, 1, 1, s_n, n * k).expand(B, H, G, T, s_n, n * k)
+        a = torch.zeros(B, H, G, T, s_n, self.table.shape[0], device=w.device).scatter_add_(-1, index, src)
+        x = (a @ self.table).reshape(B, H, G, T, -1)
         if self.unwhiten is not None:
-            x = torch.einsum("hij,hgtj->hgti", self.unwhiten.float(), x)
+            x = torch.einsum("hij,bhgtj->bhgti", self.unwhiten.float(), x)
         if self.center is not None:
-            x = x + w.sum(-1)[..., None] * self.center.float()[:, None, None, :]
+            x = x + w.sum(-1)[..., None] * self.center.float()[None, :, None, None, :]
         return x
 
 

@@ -275,11 +275,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
 
-    def _unpacked(self, store: _KindStore, b: int, H: int, s_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row b's codes → idx, coef: (H, n_coded, s_n, k)."""
-        idx, coef = unpack_codes(store.codes[b], store.layout, scale=store.scale)  # (n, H·s_n, k)
-        shape = (self.n_coded, H, s_n, store.layout.k)
-        return idx.view(shape).transpose(0, 1), coef.view(shape).transpose(0, 1)
+    def _unpacked(self, store: _KindStore, H: int, s_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's codes, unpacked in one call → idx (indices into `codebook.batch_table()`), coef: (B, H, n, s_n, k)."""
+        B, n = store.codes.shape[:2]
+        idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=store.scale)  # (B·n, H·s_n, k)
+        shape = (B, n, H, s_n, store.layout.k)
+        idx = store.codebook.batch_index(idx.view(shape))
+        return idx.transpose(1, 2), coef.view(shape).transpose(1, 2)
 
     def _encode_rows(self, store: _KindStore, chunks: torch.Tensor, k: int):
         B, H, T, s_n, w = chunks.shape
@@ -343,32 +345,24 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             return out
         store = self.stores[kind]
         s_n = 1 if kind == "keys" else self.settings.s_n_values
-        if kind == "keys":
-            cos, sin = self._coded_cos_sin()
-        for b in range(B):
-            idx, coef = self._unpacked(store, b, H, s_n)
-            x = sparse_decode(idx, coef, store.codebook.row(b)).view(H, n, d)
-            if store.unwhiten is not None:
-                x = whiten_heads(store.unwhiten, x[None])[0]
-            if store.center is not None:
-                x = x + store.center[:, None, :]
-            if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
-                rotate_into(out[b : b + 1, :, S : S + n], x[None], cos[b : b + 1], sin[b : b + 1])
-            else:
-                out[b, :, S : S + n] = x
+        idx, coef = self._unpacked(store, H, s_n)
+        x = sparse_decode(idx, coef, store.codebook.batch_table()).view(B, H, n, d)  # all rows in one gather
+        if store.unwhiten is not None:
+            x = whiten_heads(store.unwhiten, x)
+        if store.center is not None:
+            x = x + store.center[None, :, None, :]
+        if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
+            rotate_into(out[:, :, S : S + n], x, *self._coded_cos_sin())
+        else:
+            out[:, :, S : S + n] = x
         return out
 
     def _coded_values(self, new: torch.Tensor) -> CodedValues:
         """The values as `csr_runtime.attention` aggregates them: exact sinks, the codes, exact window + new."""
         store, H = self.stores["values"], new.shape[1]
-        idx, coef, rows = [], [], []
-        for b in range(new.shape[0] if self.n_coded else 0):
-            i, c = self._unpacked(store, b, H, self.settings.s_n_values)
-            idx.append(i)
-            coef.append(c)
-            rows.append(store.codebook.row(b))
-        return CodedValues(self.sink_values, torch.cat([self.values, new], dim=-2), idx, coef, rows, store.center,
-                           store.unwhiten)
+        idx, coef = self._unpacked(store, H, self.settings.s_n_values) if self.n_coded else (None, None)
+        return CodedValues(self.sink_values, torch.cat([self.values, new], dim=-2), idx, coef,
+                           store.codebook.batch_table(), store.center, store.unwhiten)
 
     def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of every held token, as the next step's attention will read them."""

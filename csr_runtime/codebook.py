@@ -50,6 +50,21 @@ class Codebook:
             self._rows[b] = torch.cat([self.offline, self.extra[b, : self.n_extra[b]].float()])
         return self._rows[b]
 
+    def batch_table(self) -> torch.Tensor:
+        """(N_off + B·M, w) float32: the offline atoms, then every row's M extra slots — one table for all rows,
+        what `batch_index` points into (rows decode in one gather instead of one per row)."""
+        if self.extra is None or self.extra.shape[1] == 0:
+            return self.offline
+        return torch.cat([self.offline, self.extra.flatten(0, 1).float()])
+
+    def batch_index(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, ...) row-local indices (offline first, then the row's extra atoms) → indices into `batch_table`."""
+        if self.extra is None or self.extra.shape[1] == 0:
+            return idx
+        n_offline, slots = self.offline.shape[0], self.extra.shape[1]
+        offset = torch.arange(idx.shape[0], device=idx.device).view(-1, *[1] * (idx.ndim - 1)) * slots
+        return torch.where(idx >= n_offline, idx + offset.to(idx.dtype), idx)
+
     def add_online(self, b: int, candidates: torch.Tensor, generator: torch.Generator | None = None) -> int:
         """Row b's online atoms from its own (n, w) vectors in time order (zero vectors skipped). Returns how many."""
         candidates = candidates[candidates.norm(dim=-1) > 0]

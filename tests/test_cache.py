@@ -155,7 +155,7 @@ def test_index_bits_address_offline_online_and_guard_atoms():
         lm(torch.randint(0, 128, (1, 40)), past_key_values=cache)
     store = cache.layers[0].stores["keys"]
     assert store.codebook.offline.shape[0] + store.codebook.n_extra[0] == store.codebook.capacity == 128
-    idx, _ = cache.layers[0]._unpacked(store, 0, 2, 1)
+    idx, _ = cache.layers[0]._unpacked(store, 2, 1)  # one batch row: its indices are the row's own
     assert 100 <= int(idx.max()) < 128  # extra atoms are used and addressed
     with pytest.raises(ValueError, match="index_bits = 6 cannot address 128 atoms"):
         CSRCache(lm, d, online_atoms=20, guard_atoms=8, index_bits=6)

@@ -1,0 +1,164 @@
+"""Benchmark: decode throughput at a fixed KV-memory budget — what a smaller cache buys (issue "Turn memory into speed").
+
+For each context length and method, the batch is the largest whose cache fits the budget (default 1 GiB),
+measured with the caches' own byte counts (`csr_core.scoring.cache_bytes`; CSR's shared offline
+dictionaries are charged to the budget once). Each method prefills one real held-out prompt (python-docs,
+test split) of the context length, the cache's rows are repeated to the batch (`batch_repeat_interleave`;
+transformers' quantized cache cannot repeat its quantized rows, so it prefills the whole batch), then
+greedy decoding runs `--steps` timed steps after one warm-up step. Reports batch, tokens/s summed over the
+batch, ms per step, the ratio to `DynamicCache` in the same run, cache MB and process RSS. Prints a table,
+writes benchmarks/results/throughput.{csv,md} and throughput.png (tokens/s vs context length).
+
+    python benchmarks/throughput.py --dictionary runs/llama/neuraldict/version_1/dictionary.safetensors
+
+Rows of one batch are copies of one prompt: the work per step (attention over batch × context, decoding
+every coded row) is what distinct prompts cost; only the text is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from transformers import DynamicCache, QuantizedCache
+
+from csr_core.corpus import load_corpus
+from csr_core.models import load_model, with_cache
+from csr_core.scoring import cache_bytes
+from csr_eval.kivi import KIVICache
+from csr_runtime.attention import CSR_ATTENTION
+from csr_runtime.cache import CSRCache
+from neuraldict.collect import token_windows
+
+MiB = 2**20
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--dictionary", required=True)
+    p.add_argument("--budget-gib", type=float, default=1.0, help="KV-cache memory budget")
+    p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
+    p.add_argument("--steps", type=int, default=3, help="timed decode steps (after one warm-up step)")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods (names as in the table)")
+    p.add_argument("--output", default="benchmarks/results/throughput")
+    return p
+
+
+def methods(lm, dictionary: str) -> dict:
+    """name → (make cache, attention implementation)."""
+    L = lm.config.num_hidden_layers
+    out = {
+        "DynamicCache (fp32)": (DynamicCache, "sdpa"),
+        "KIVI-4": (lambda: KIVICache(L, bits=4), "sdpa"),
+        "KIVI-2": (lambda: KIVICache(L, bits=2), "sdpa"),
+        "quanto-4": (lambda: QuantizedCache(backend="quanto", config=lm.config, nbits=4), "sdpa"),
+    }
+    for s in (8, 4, 2):
+        out[f"CSR-{s}"] = (lambda s=s: CSRCache(lm, dictionary, sparsity=s), "sdpa")
+    out["CSR-4, values as codes"] = (lambda: CSRCache(lm, dictionary, sparsity=4), CSR_ATTENTION)
+    return out
+
+
+def shared_bytes(cache) -> int:
+    """Bytes every row shares (CSR's offline dictionaries)."""
+    return cache.memory_bytes(include_offline=True) - cache.memory_bytes() if isinstance(cache, CSRCache) else 0
+
+
+@torch.no_grad()
+def measure(lm, prompt: torch.Tensor, make, *, budget: int, steps: int, max_batch: int) -> dict:
+    cache = make()
+    out = lm(prompt, **with_cache(lm, cache))
+    L = prompt.shape[1]
+    per_row = cache_bytes(cache) * (L + steps + 1) / L  # at the end of decoding
+    shared = shared_bytes(cache)
+    batch = min(int((budget - shared) // per_row), max_batch)
+    if batch < 1:
+        return {"batch": 0, "note": f"one row needs {per_row / MiB:.0f} MB (+{shared / MiB:.0f} MB shared)"}
+    if isinstance(cache, QuantizedCache):  # its quantized rows cannot be repeated: prefill the batch
+        cache = make()
+        out = lm(prompt.expand(batch, -1), **with_cache(lm, cache))
+    else:
+        cache.batch_repeat_interleave(batch)
+    token = out.logits[:, -1:].argmax(-1).expand(batch, 1)
+    token = lm(token, **with_cache(lm, cache)).logits[:, -1:].argmax(-1)  # warm-up step
+    started = time.perf_counter()
+    for _ in range(steps):
+        token = lm(token, **with_cache(lm, cache)).logits[:, -1:].argmax(-1)
+    seconds = time.perf_counter() - started
+    return {"batch": batch, "tokens_per_s": batch * steps / seconds, "ms_per_step": 1000 * seconds / steps,
+            "cache_MB": (cache_bytes(cache) + shared) / MiB, "rss_MB": psutil.Process().memory_info().rss / MiB,
+            "note": ""}
+
+
+def main(argv=None) -> None:
+    args = setup_arg_parser().parse_args(argv)
+    torch.manual_seed(0)
+    lm, tokenizer = load_model(args.model)
+    stream = token_windows(tokenizer, load_corpus("python-docs", "test"), window=max(args.contexts),
+                           max_tokens=max(args.contexts))
+    table = methods(lm, args.dictionary)
+    if args.methods:
+        table = {name: m for name, m in table.items() if name in args.methods or name.startswith("Dynamic")}
+    budget = int(args.budget_gib * 2**30)
+    rows = []
+    for context in args.contexts:
+        base = None
+        for name, (make, implementation) in table.items():
+            lm.set_attn_implementation(implementation)
+            r = measure(lm, stream[:, :context], make, budget=budget, steps=args.steps, max_batch=args.max_batch)
+            if base is None and r["batch"]:
+                base = r["tokens_per_s"]
+            r = {"context": context, "method": name, **r,
+                 "ratio_vs_dynamic": r["tokens_per_s"] / base if r["batch"] and base else math.nan}
+            rows.append(r)
+            print({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+    lm.set_attn_implementation("sdpa")
+    write_report(rows, args)
+
+
+def write_report(rows: list[dict], args) -> None:
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["context", "method", "batch", "tokens_per_s", "ms_per_step", "ratio_vs_dynamic", "cache_MB", "rss_MB", "note"]
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows([{k: r.get(k, "") for k in fields} for r in rows])
+    lines = [f"Greedy decoding at a {args.budget_gib:g} GiB KV budget: the largest batch whose cache fits, "
+             f"{args.steps} timed steps, fp32, {torch.get_num_threads()} CPU threads.", "",
+             "| context | method | batch | tokens/s | ms/step | × DynamicCache | cache MB | RSS MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["batch"]:
+            lines.append(f"| {r['context']} | {r['method']} | 0 | – | – | – | – | – |  ({r['note']})")
+            continue
+        lines.append(f"| {r['context']} | {r['method']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.0f} | "
+                     f"{r['ratio_vs_dynamic']:.2f} | {r['cache_MB']:.0f} | {r['rss_MB']:.0f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = [(r["context"], r["tokens_per_s"]) for r in rows if r["method"] == method and r["batch"]]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=method)
+    ax.set(xlabel="context length (tokens)", ylabel="decode tokens/s (whole batch)", xscale="log",
+           title=f"Throughput at a {args.budget_gib:g} GiB KV budget")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=90)
+
+
+if __name__ == "__main__":
+    main()
