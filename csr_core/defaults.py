@@ -1,7 +1,8 @@
 """The CSR cache's defaults, in one place for both runtimes (pure Python: `mlx_backend` imports it without torch).
 
 Chosen on the validation split (`configs/ablation-validation.yaml`, BENCHMARKS.md "Ablation"): 64 online
-and 64 guard atoms per layer and kind, the first 4 tokens exact (attention sinks), fp8 coefficients
+and 64 guard atoms per layer and kind, the first 4 tokens exact (attention sinks), 5-bit e3m1 coefficients
+(`configs/ablation-coefficients.yaml`: at the same bits they buy more atoms than fp8)
 with indices at the bits the row dictionary needs.
 """
 
@@ -10,6 +11,6 @@ GUARD_ATOMS = 64  # per layer, kind and batch row: outliers stored as their own 
 GUARD_THRESHOLD = 0.3  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
 SINK_TOKENS = 4  # first tokens of each row kept exact
 WINDOW = 0  # newest tokens kept exact
-COEF_FORMAT = "fp8"  # "fp8" (E4M3) | "e3m1" (5 bits) | "int8" | "fp16"
+COEF_FORMAT = "e3m1"  # "e3m1" (5 bits) | "fp8" (E4M3) | "int8" | "fp16"
 INDEX_BITS = None  # None: ⌈log2(offline + online + guard atoms)⌉; 16 with "fp16" is the paper's layout
 KEY_WEIGHT = 1.0  # allocation: exchange rate of key error against value error (csr_core/allocation.py)

@@ -230,15 +230,13 @@ class CSRKVCache:
         B, T, _ = store.codes.shape
         s_n = 1 if kind == "keys" else self.settings.s_n_values
         H, k = store.layout.groups // s_n, store.layout.k
-        rows = []
-        for b in range(B):
-            idx, coef = unpack_codes(store.codes[b], store.layout, scale=store.scale)  # (T, H·s_n, k)
-            per_head = lambda a: a.reshape(T, H, s_n, k).transpose(1, 0, 2, 3)
-            x = sparse_decode(per_head(idx), per_head(coef), store.codebook.row(b)).reshape(H, T, -1)
-            if store.unwhiten is not None:
-                x = whiten_heads(store.unwhiten, x[None])[0]
-            rows.append(x if store.center is None else x + store.center[:, None, :])
-        return mx.stack(rows)
+        idx, coef = unpack_codes(store.codes.reshape(B * T, -1), store.layout, scale=store.scale)  # (B·T, H·s_n, k)
+        per_head = lambda a: a.reshape(B, T, H, s_n, k).transpose(0, 2, 1, 3, 4)
+        idx = store.codebook.batch_index(per_head(idx))
+        x = sparse_decode(idx, per_head(coef), store.codebook.batch_table()).reshape(B, H, T, -1)  # every row at once
+        if store.unwhiten is not None:
+            x = whiten_heads(store.unwhiten, x)
+        return x if store.center is None else x + store.center[None, :, None, :]
 
     def _decoded_keys(self) -> mx.array:
         keys = self._decode("keys")

@@ -46,6 +46,23 @@ class Codebook:
             self._rows[b] = mx.concatenate([self.offline, self.extra[b].astype(mx.float32)])
         return self._rows[b]
 
+    def batch_table(self) -> mx.array:
+        """(N_off + B·M, w) float32: the offline atoms, then every row's M = online + guard slots — one table for
+        all rows, what `batch_index` points into (rows decode in one gather instead of one per row)."""
+        if self.extra is None or max(self.n_extra, default=0) == 0:
+            return self.offline
+        slots, w = self.online_atoms + self.guard_atoms, self.offline.shape[1]
+        padded = [mx.concatenate([e.astype(mx.float32), mx.zeros((slots - e.shape[0], w))]) for e in self.extra]
+        return mx.concatenate([self.offline, *padded])
+
+    def batch_index(self, idx: mx.array) -> mx.array:
+        """idx: (B, ...) row-local indices (offline first, then the row's extra atoms) → indices into `batch_table`."""
+        if self.extra is None or max(self.n_extra, default=0) == 0:
+            return idx
+        n_offline, slots = self.offline.shape[0], self.online_atoms + self.guard_atoms
+        offset = (mx.arange(idx.shape[0]) * slots).reshape(-1, *[1] * (idx.ndim - 1)).astype(idx.dtype)
+        return mx.where(idx >= n_offline, idx + offset, idx)
+
     def add_online(self, b: int, candidates: mx.array, generator: np.random.Generator | None = None) -> int:
         """Row b's online atoms from its own (n, w) vectors in time order (zero vectors skipped). Returns how many."""
         c = np.array(candidates)
