@@ -3,7 +3,7 @@
 Each layer's cache (`CSRLayer`, a `CacheLayerMixin` as `QuantizedLayer` is) stores, per token, the
 (index, coefficient) pairs of every KV head's key (s atoms) and value (s_n · s_v atoms), **bit-packed**
 (`code_packing.py`): indices in ⌈log2(atoms a row can address)⌉ bits, coefficients in fp8 (E4M3,
-one power-of-two scale per layer and kind; MP rounds each coefficient before updating its residual),
+one power-of-two scale per layer, kind and batch row; MP rounds each coefficient before updating its residual),
 5-bit e3m1 floats (same scale, in the bit stream), int8 with a per-vector scale, or fp16;
 `index_bits=16, coef_format="fp16"` is the paper's int16 + fp16
 layout. Keys are coded **before RoPE**: the attention hands the cache rotated keys, the cache
@@ -82,13 +82,17 @@ class _KindStore:
     center: torch.Tensor | None = None  # (H, d_h) μ, the calibration mean every vector is coded relative to
     unwhiten: torch.Tensor | None = None  # A⁻¹
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
-    scale: float = 1.0  # fp8 coefficients: power-of-two scale, fixed at the first coded tokens
+    scale: torch.Tensor | None = None  # (B,) fp8/e3m1 power-of-two scale per row, fixed at its first coded tokens
     codes: torch.Tensor | None = None  # (B, T, layout.nbytes) uint8
 
-    def quantizer(self):
-        """What MP rounds each coefficient to (None: int8's per-vector scale is known only after coding)."""
-        fmt = self.layout.coef_format
-        return None if fmt == "int8" else (lambda c: quantize_coefficients(c, fmt, self.scale))
+    def quantizer(self, b: int):
+        """What MP rounds row b's coefficients to (None: int8's per-vector scale is known only after coding)."""
+        fmt, scale = self.layout.coef_format, float(self.scale[b])
+        return None if fmt == "int8" else (lambda c: quantize_coefficients(c, fmt, scale))
+
+    def token_scales(self, tokens: int) -> torch.Tensor:
+        """(B · tokens, 1, 1): each token's row scale, in the (row, token) order of the packed codes."""
+        return self.scale.repeat_interleave(tokens)[:, None, None]
 
 
 class CSRLayer(BatchRowsMixin, CacheLayerMixin):
@@ -199,7 +203,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.n_sink_slots = self.n_coded = 0
         for store in self.stores.values():
             store.codebook.reset()
-            store.layout, store.scale, store.codes = None, 1.0, None
+            store.layout, store.scale, store.codes = None, None, None
         self.rope_memo.clear()
         self.stats = dict.fromkeys(self.stats, 0)
         self.is_initialized = False
@@ -211,7 +215,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.sink_keys, self.sink_values, self.n_pad = pick(self.sink_keys), pick(self.sink_values), pick(self.n_pad)
         for store in self.stores.values():
             if store.codes is not None:
-                store.codes = pick(store.codes)
+                store.codes, store.scale = pick(store.codes), pick(store.scale)
             store.codebook.select_rows(rows)
         self.rope_memo.clear()
 
@@ -260,9 +264,10 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             if store.whiten is not None:  # code A (x − μ): plain L2 there is the attention metric here
                 x = whiten_heads(store.whiten, x)
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
-            if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
+            if store.layout is None:  # the first coded tokens fix the layout and each row's coefficient scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
-                store.scale = coefficient_scale(s.coef_format, float(chunks.norm(dim=-1).max()))
+                store.scale = torch.tensor([coefficient_scale(s.coef_format, float(chunks[b].norm(dim=-1).max()))
+                                            for b in range(B)], device=self.device)
             store.codebook.start(B)
             if build_online:
                 self._add_online(store, chunks, real)
@@ -270,7 +275,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             idx, coef = self._guard(store, chunks, real, idx, coef, k)
             # (B, H, T, s_n·k) → per token (B·T, H·s_n, k) → (B, T, nbytes)
             per_token = lambda t: t.view(B, H, T, s_n, k).permute(0, 2, 1, 3, 4).reshape(B * T, H * s_n, k)
-            packed = pack_codes(per_token(idx), per_token(coef), store.layout, scale=store.scale).view(B, T, -1)
+            packed = pack_codes(per_token(idx), per_token(coef), store.layout, scale=store.token_scales(T)).view(B, T, -1)
             store.codes = packed if store.codes is None else torch.cat([store.codes, packed], dim=1)
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
@@ -278,7 +283,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     def _unpacked(self, store: _KindStore, H: int, s_n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's codes, unpacked in one call → idx (indices into `codebook.batch_table()`), coef: (B, H, n, s_n, k)."""
         B, n = store.codes.shape[:2]
-        idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=store.scale)  # (B·n, H·s_n, k)
+        idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=store.token_scales(n))  # (B·n, H·s_n, k)
         shape = (B, n, H, s_n, store.layout.k)
         idx = store.codebook.batch_index(idx.view(shape))
         return idx.transpose(1, 2), coef.view(shape).transpose(1, 2)
@@ -288,7 +293,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         idx, coef = [], []
         for b in range(B):
             i, c = sparse_encode(chunks[b].reshape(-1, w), store.codebook.row(b), s=k, method=self.settings.method,
-                                 quantize=store.quantizer())
+                                 quantize=store.quantizer(b))
             idx.append(i.view(H, T, s_n * k))
             coef.append(c.view(H, T, s_n * k))
         return torch.stack(idx), torch.stack(coef)
@@ -325,7 +330,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
                 continue
             self.stats["guard_atoms"] += added
             recode = worst[:added]
-            i, c = sparse_encode(x[recode], store.codebook.row(b), s=k, method=s.method, quantize=store.quantizer())
+            i, c = sparse_encode(x[recode], store.codebook.row(b), s=k, method=s.method, quantize=store.quantizer(b))
             idx_b, coef_b = idx[b].reshape(-1, k).clone(), coef[b].reshape(-1, k).clone()
             idx_b[recode], coef_b[recode] = i, c
             idx[b], coef[b] = idx_b.view(H, T, s_n * k), coef_b.view(H, T, s_n * k)

@@ -112,8 +112,9 @@ def quantize_coefficients(coef: torch.Tensor, coef_format: CoefFormat, scale: fl
     raise ValueError(f"coefficients in {coef_format!r} are quantised per vector after coding, not one by one")
 
 
-def pack_codes(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout, *, scale: float = 1.0) -> torch.Tensor:
-    """idx, coef: (n, groups, k) → (n, nbytes) uint8. Indices must be < 2^index_bits."""
+def pack_codes(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout, *, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """idx, coef: (n, groups, k) → (n, nbytes) uint8. Indices must be < 2^index_bits. scale: a float, or (n, 1, 1)
+    per code (fp8 / e3m1)."""
     n, G, k = idx.shape
     if (G, k) != (layout.groups, layout.k):
         raise ValueError(f"codes of shape (groups, k) = {(G, k)} do not match the layout's {(layout.groups, layout.k)}")
@@ -142,7 +143,7 @@ def unpack_codes(packed: torch.Tensor, layout: CodeLayout, *, scale: float = 1.0
     c = packed[:, layout.index_bytes :].contiguous()
     fmt = layout.coef_format
     if fmt == "e3m1":
-        coef = e3m1_values(fields[:, G * k :], scale).view(n, G, k)
+        coef = e3m1_values(fields[:, G * k :].reshape(n, G, k), scale)
     elif fmt == "fp16":
         coef = c.view(torch.float16).float().view(n, G, k)
     elif fmt == "fp8":

@@ -55,12 +55,17 @@ class _KindStore:
     center: mx.array | None = None  # (H, d_h) μ, the calibration mean every vector is coded relative to
     unwhiten: mx.array | None = None  # A⁻¹
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
-    scale: float = 1.0  # fp8 coefficients: power-of-two scale, fixed at the first coded tokens
+    scale: list[float] | None = None  # fp8/e3m1 power-of-two scale per row, fixed at its first coded tokens
     codes: mx.array | None = None  # (B, T, layout.nbytes) uint8
 
-    def quantizer(self):
-        fmt = self.layout.coef_format
-        return None if fmt == "int8" else (lambda c: quantize_coefficients(c, fmt, self.scale))
+    def quantizer(self, b: int):
+        """What MP rounds row b's coefficients to (None: int8's per-vector scale is known only after coding)."""
+        fmt, scale = self.layout.coef_format, self.scale[b]
+        return None if fmt == "int8" else (lambda c: quantize_coefficients(c, fmt, scale))
+
+    def token_scales(self, tokens: int) -> mx.array:
+        """(B · tokens, 1, 1): each token's row scale, in the (row, token) order of the packed codes."""
+        return mx.repeat(mx.array(self.scale, dtype=mx.float32), tokens)[:, None, None]
 
 
 class CSRKVCache:
@@ -173,9 +178,10 @@ class CSRKVCache:
             if store.whiten is not None:  # code A (x − μ): plain L2 there is the attention metric here
                 x = whiten_heads(store.whiten, x)
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
-            if store.layout is None:  # the first coded tokens fix the layout and the fp8 scale
+            if store.layout is None:  # the first coded tokens fix the layout and each row's coefficient scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
-                store.scale = coefficient_scale(s.coef_format, mx.max(mx.linalg.norm(chunks, axis=-1)).item())
+                store.scale = [coefficient_scale(s.coef_format, mx.max(mx.linalg.norm(chunks[b], axis=-1)).item())
+                               for b in range(B)]
             store.codebook.start(B)
             if build_online:
                 self._add_online(store, chunks)
@@ -183,7 +189,7 @@ class CSRKVCache:
             for b in range(B):
                 i, c = self._encode_row(store, b, chunks[b], k)  # (H, T, s_n·k)
                 per_token = lambda a: a.reshape(H, T, s_n, k).transpose(1, 0, 2, 3).reshape(T, H * s_n, k)
-                packed.append(pack_codes(per_token(i), per_token(c), store.layout, scale=store.scale))
+                packed.append(pack_codes(per_token(i), per_token(c), store.layout, scale=store.scale[b]))
             packed = mx.stack(packed)  # (B, T, nbytes)
             store.codes = packed if store.codes is None else mx.concatenate([store.codes, packed], axis=1)
         self.n_coded += T
@@ -202,7 +208,7 @@ class CSRKVCache:
         H, T, s_n, w = chunks.shape
         s = self.settings
         x = chunks.reshape(-1, w)
-        idx, coef = sparse_encode(x, store.codebook.row(b), s=k, method=s.method, quantize=store.quantizer())
+        idx, coef = sparse_encode(x, store.codebook.row(b), s=k, method=s.method, quantize=store.quantizer(b))
         room = store.codebook.guard_room(b)
         if room > 0:
             x_hat = sparse_decode(idx, coef, store.codebook.row(b))
@@ -217,7 +223,7 @@ class CSRKVCache:
                     self.stats["guard_atoms"] += added
                     recode = worst_mx[:added]
                     i, c = sparse_encode(x[recode], store.codebook.row(b), s=k, method=s.method,
-                                         quantize=store.quantizer())
+                                         quantize=store.quantizer(b))
                     idx[recode] = i
                     coef[recode] = c
         return idx.reshape(H, T, s_n * k), coef.reshape(H, T, s_n * k)
@@ -230,7 +236,7 @@ class CSRKVCache:
         B, T, _ = store.codes.shape
         s_n = 1 if kind == "keys" else self.settings.s_n_values
         H, k = store.layout.groups // s_n, store.layout.k
-        idx, coef = unpack_codes(store.codes.reshape(B * T, -1), store.layout, scale=store.scale)  # (B·T, H·s_n, k)
+        idx, coef = unpack_codes(store.codes.reshape(B * T, -1), store.layout, scale=store.token_scales(T))  # (B·T, H·s_n, k)
         per_head = lambda a: a.reshape(B, T, H, s_n, k).transpose(0, 2, 1, 3, 4)
         idx = store.codebook.batch_index(per_head(idx))
         x = sparse_decode(idx, per_head(coef), store.codebook.batch_table()).reshape(B, H, T, -1)  # every row at once

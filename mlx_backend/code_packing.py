@@ -106,7 +106,7 @@ def unpack_codes(packed: mx.array, layout: CodeLayout, *, scale: float = 1.0) ->
     c = mx.contiguous(packed[:, layout.index_bytes :])
     fmt = layout.coef_format
     if fmt == "e3m1":
-        coef = e3m1_values(fields[:, G * k :], scale).reshape(n, G, k)
+        coef = e3m1_values(fields[:, G * k :].reshape(n, G, k), scale)
     elif fmt == "fp16":
         coef = c.view(mx.float16).astype(mx.float32).reshape(n, G, k)
     elif fmt == "fp8":

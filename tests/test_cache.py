@@ -188,7 +188,8 @@ def test_packed_codes_take_fewer_bytes_than_the_papers_layout_and_stay_close():
     exact = DynamicCache()
     with torch.no_grad():
         lm(ids, past_key_values=exact)
-    for name, layout in (("paper", PAPER_LAYOUT), ("fp8", {}), ("int8", {"coef_format": "int8"})):
+    for name, layout in (("paper", PAPER_LAYOUT), ("fp8", {"coef_format": "fp8"}), ("int8", {"coef_format": "int8"}),
+                         ("e3m1", {})):  # e3m1: the default
         cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0, **layout)
         with torch.no_grad():
             lm(ids, past_key_values=cache)
@@ -197,9 +198,11 @@ def test_packed_codes_take_fewer_bytes_than_the_papers_layout_and_stay_close():
     # 64 atoms → 6-bit indices: keys 2 heads × 4 × (6 + 8) = 112 bits = 14 bytes a token vs 2 × 4 × 4 = 32
     assert sizes["fp8"] == 2 * 64 * (14 + 14) and sizes["paper"] == 2 * 64 * (32 + 32)
     assert sizes["int8"] == 2 * 64 * (18 + 22)  # + a 16-bit scale per head chunk
+    assert sizes["e3m1"] == 2 * 64 * (11 + 11)  # 2 heads × 4 × (6 + 5) bits = 11 bytes, one bit stream
     err = {name: float(((v - exact.layers[0].values) ** 2).sum() / (exact.layers[0].values ** 2).sum()) for name, v in read.items()}
     for name in ("fp8", "int8"):  # 8-bit coefficients cost little next to the sparse approximation itself
         assert err[name] < 1.1 * err["paper"], err
+    assert err["e3m1"] < 1.25 * err["paper"], err  # 5 bits: a little more, for 21 % fewer bytes than fp8
 
 
 def test_window_does_not_pin_older_tensors():
