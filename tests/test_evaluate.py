@@ -26,7 +26,7 @@ def test_evaluate_writes_the_table_and_exact_methods_have_zero_kl(tiny_model_dir
     dictionary = save_dictionary(tmp_path / "complete.safetensors", complete_dictionary(lm, n_layers=3))
     methods = [{"name": "fp32", "type": "fp"},
                {"name": "CSR complete", "type": "csr", "sparsity_keys": 16, "sparsity_values": 8,
-                "online_atoms": 0, "guard_atoms": 0},
+                "online_atoms": 0, "guard_atoms": 0, "coef_format": "fp16"},
                {"name": "KIVI-2", "type": "kivi", "bits": 2, "residual_length": 32, "group_size": 16},
                {"name": "quanto-4", "type": "quanto", "nbits": 4, "residual_length": 32, "q_group_size": 16}]
     rows = evaluate(model=str(tiny_model_dir), dictionary=str(dictionary), methods=methods, context_lengths=[64, 96],
