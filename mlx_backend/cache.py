@@ -8,14 +8,14 @@ again when read. The first `sink_tokens` tokens stay exact. Per layer, kind and 
 `Codebook` (`codebook.py`): offline (file) + online (the prompt's own vectors) + guard (vectors whose
 relative residual stays above a threshold); the newest `window` tokens stay in full precision. The
 call's own new K/V reach the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
-Not supported here (use the PyTorch runtime): left-padded batches; nor saving
-prompt caches (mlx-lm's loader only rebuilds its own cache classes).
+Not supported here (use the PyTorch runtime): left-padded batches. Prompt caches are saved and loaded
+with `mlx_backend.prompt_cache` (mlx-lm's own loader only rebuilds its own cache classes).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -156,8 +156,38 @@ class CSRKVCache:
 
     @property
     def state(self) -> list[mx.array]:
-        """The arrays mlx-lm evaluates after each step (saving prompt caches is not supported)."""
+        """The arrays mlx-lm evaluates after each step (save prompt caches with `mlx_backend.prompt_cache`)."""
         return self._held_arrays()
+
+    # -- prompt caches (`prompt_cache.py`) -------------------------------------------------------------
+    def save_state(self) -> tuple[dict[str, mx.array], dict]:
+        """Everything this layer holds for the sequence → (named arrays, JSON-able counters and layouts).
+        The offline atoms are not included: they come from the dictionary file."""
+        arrays = {"keys": self.keys, "values": self.values, "sink_keys": self.sink_keys, "sink_values": self.sink_values}
+        meta = {"offset": self.offset, "n_coded": self.n_coded, "stats": dict(self.stats), "kinds": {}}
+        for kind, store in self.stores.items():
+            cb = store.codebook
+            arrays[f"{kind}.codes"] = store.codes
+            for b, extra in enumerate(cb.extra or []):
+                arrays[f"{kind}.extra.{b}"] = extra
+            meta["kinds"][kind] = {"layout": None if store.layout is None else asdict(store.layout), "scale": store.scale,
+                                   "rows": None if cb.extra is None else len(cb.extra), "n_extra": cb.n_extra,
+                                   "n_online": cb.n_online}
+        return {name: a for name, a in arrays.items() if a is not None}, meta
+
+    def load_state(self, arrays: dict[str, mx.array], meta: dict) -> None:
+        """The inverse of `save_state`, into a layer built with the same model, dictionary and settings."""
+        self.keys, self.values = arrays.get("keys"), arrays.get("values")
+        self.sink_keys, self.sink_values = arrays.get("sink_keys"), arrays.get("sink_values")
+        self.offset, self.n_coded, self.stats = meta["offset"], meta["n_coded"], dict(meta["stats"])
+        for kind, store in self.stores.items():
+            m, cb = meta["kinds"][kind], store.codebook
+            store.layout = None if m["layout"] is None else CodeLayout(**m["layout"])
+            store.scale, store.codes = m["scale"], arrays.get(f"{kind}.codes")
+            cb.reset()
+            if m["rows"] is not None:
+                cb.extra = [arrays[f"{kind}.extra.{b}"] for b in range(m["rows"])]
+                cb.n_extra, cb.n_online = list(m["n_extra"]), list(m["n_online"])
 
     @property
     def nbytes(self) -> int:

@@ -301,3 +301,35 @@ def test_generate_cli_samples_with_temperature_and_seed(smollm2, tmp_path):
         return run.stdout.split("CSR-8:")[0]
 
     assert generate(1) != generate(2)  # sampled, not greedy: the seed matters
+
+
+def test_prompt_cache_round_trip_continues_exactly(tmp_path):
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.models.cache import save_prompt_cache as mlx_lm_save
+
+    from mlx_backend.prompt_cache import load_prompt_cache, save_prompt_cache
+
+    model = tiny_mlx_llama()
+    fp = model_fingerprint(model, "tiny")
+    d = DictionaryFile(fp, KindDictionaries(1, 3, [0, 0], [random_atoms(48, 16, 0)]),
+                       KindDictionaries(2, 2, [0, 1], [random_atoms(48, 8, 1), random_atoms(48, 8, 2)]))
+    cache = make_csr_cache(model, d, online_atoms=8, guard_atoms=4, guard_threshold=0.2, window=3)
+    ids = mx.array(np.random.default_rng(5).integers(0, 128, (1, 26)))
+    model(ids[:, :20], cache=cache)
+    assert cache[0].n_coded == 20 - 4 - 3 and sum(layer.stats["guard_atoms"] for layer in cache) > 0  # lossy, with atoms
+    path = tmp_path / "prompt.safetensors"
+    save_prompt_cache(path, cache, {"prompt": "twenty tokens"})
+    loaded, metadata = load_prompt_cache(path, model, d, return_metadata=True)
+    assert metadata == {"prompt": "twenty tokens"} and loaded[1].stats == cache[1].stats
+    for t in range(20, 26):  # both continue identically: codes, atoms, scales, window and sinks came back
+        step = ids[:, t : t + 1]
+        np.testing.assert_array_equal(np.array(model(step, cache=loaded)), np.array(model(step, cache=cache)))
+    assert loaded[0].nbytes == cache[0].nbytes
+    # what is not a CSR prompt cache says what to use instead
+    plain = make_prompt_cache(model)
+    model(ids[:, :4], cache=plain)
+    mlx_lm_save(str(tmp_path / "plain.safetensors"), plain)
+    with pytest.raises(ValueError, match="not a CSR prompt cache.*mlx_lm.models.cache.load_prompt_cache"):
+        load_prompt_cache(tmp_path / "plain.safetensors", model, d)
+    with pytest.raises(ValueError, match="save other caches with mlx_lm.models.cache.save_prompt_cache"):
+        save_prompt_cache(tmp_path / "x.safetensors", plain)
