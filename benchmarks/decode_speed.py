@@ -22,6 +22,7 @@ from csr_core.corpus import load_corpus
 from csr_core.models import load_model, with_cache
 from csr_core.scoring import cache_bytes
 from csr_eval.kivi import KIVICache
+from csr_runtime.attention import CSR_ATTENTION
 from csr_runtime.cache import CSRCache
 from csr_runtime.sparse_coding import sparse_encode
 from neuraldict.collect import token_windows
@@ -56,12 +57,14 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     lm, tokenizer = load_model(args.model)
     stream = token_windows(tokenizer, load_corpus("python-docs", "test"), window=max(args.contexts), max_tokens=max(args.contexts))
-    methods = {
-        "DynamicCache (fp32)": lambda: DynamicCache(),
-        "KIVI-2": lambda: KIVICache(lm.config.num_hidden_layers, bits=2),
-        f"CSR-{args.sparsity}, paper layout (int16 + fp16)": lambda: CSRCache(
-            lm, args.dictionary, sparsity=args.sparsity, index_bits=16, coef_format="fp16", sink_tokens=0),
-        f"CSR-{args.sparsity}, packed (defaults)": lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity),
+    methods = {  # name → (cache factory, attention implementation)
+        "DynamicCache (fp32)": (DynamicCache, "sdpa"),
+        "KIVI-2": (lambda: KIVICache(lm.config.num_hidden_layers, bits=2), "sdpa"),
+        f"CSR-{args.sparsity}, paper layout (int16 + fp16)": (lambda: CSRCache(
+            lm, args.dictionary, sparsity=args.sparsity, index_bits=16, coef_format="fp16", sink_tokens=0), "sdpa"),
+        f"CSR-{args.sparsity}, packed (defaults)": (lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), "sdpa"),
+        f"CSR-{args.sparsity}, packed, values as codes": (
+            lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), CSR_ATTENTION),
     }
     if args.methods:
         methods = {name: make for name, make in methods.items() if name in args.methods or name.startswith("Dynamic")}
@@ -69,13 +72,15 @@ def main(argv=None) -> None:
     for context in args.contexts:
         ids = stream[:, :context]
         base = None
-        for name, make in methods.items():
+        for name, (make, implementation) in methods.items():
+            lm.set_attn_implementation(implementation)
             time_decode(lm, ids[:, :64], make(), 2)  # warm-up
             prefill, tps, nbytes = time_decode(lm, ids, make(), args.steps)
             base = base or (prefill, tps)
             rows.append({"context": context, "method": name, "prefill_s": prefill, "decode_tokens_per_s": tps,
                          "decode_ratio_vs_dynamic": tps / base[1], "cache_MB": nbytes / 2**20})
             print(rows[-1], flush=True)
+    lm.set_attn_implementation("sdpa")
     # MP coding throughput on real keys of layer 15 (pre-RoPE), dictionary of the file + 128 extra atoms.
     from csr_core.dictionary_file import load_dictionary
     from neuraldict.collect import capture_kv
