@@ -4,7 +4,8 @@ For each context length and method, the batch is the largest whose cache fits th
 measured with the caches' own byte counts (`csr_core.scoring.cache_bytes`; CSR's shared offline
 dictionaries are charged to the budget once). Each method prefills one real held-out prompt (python-docs,
 test split) of the context length, the cache's rows are repeated to the batch (`batch_repeat_interleave`;
-transformers' quantized cache cannot repeat its quantized rows, so it prefills the whole batch), then
+transformers' quantized cache repeats only its residual that way, so its quantized rows are dequantized,
+repeated and quantized again — `repeat_quantized_rows`), then
 greedy decoding runs `--steps` timed steps after one warm-up step. Reports batch, tokens/s summed over the
 batch, ms per step, the ratio to `DynamicCache` in the same run, cache MB and process RSS. Prints a table,
 writes benchmarks/results/throughput.{csv,md} and throughput.png (tokens/s vs context length).
@@ -66,6 +67,21 @@ def methods(lm, dictionary: str) -> dict:
     return out
 
 
+def repeat_quantized_rows(cache: QuantizedCache, repeats: int) -> None:
+    """`batch_repeat_interleave` for transformers' QuantizedCache, whose inherited method repeats only the
+    full-precision residual: its quantized states are rebuilt for the repeated rows (private attributes of
+    `QuantizedLayer`, transformers 5.24–5.x; re-quantizing dequantized values is, up to rounding, the identity)."""
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        for name, axis in (("_quantized_keys", layer.axis_key), ("_quantized_values", layer.axis_value)):
+            rows = layer._dequantize(getattr(layer, name)).repeat_interleave(repeats, dim=0).contiguous()
+            setattr(layer, name, layer._quantize(rows, axis=axis))
+        if layer.keys.numel():
+            layer.keys = layer.keys.repeat_interleave(repeats, dim=0)
+            layer.values = layer.values.repeat_interleave(repeats, dim=0)
+
+
 def shared_bytes(cache) -> int:
     """Bytes every row shares (CSR's offline dictionaries)."""
     return cache.memory_bytes(include_offline=True) - cache.memory_bytes() if isinstance(cache, CSRCache) else 0
@@ -81,9 +97,8 @@ def measure(lm, prompt: torch.Tensor, make, *, budget: int, steps: int, max_batc
     batch = min(int((budget - shared) // per_row), max_batch)
     if batch < 1:
         return {"batch": 0, "note": f"one row needs {per_row / MiB:.0f} MB (+{shared / MiB:.0f} MB shared)"}
-    if isinstance(cache, QuantizedCache):  # its quantized rows cannot be repeated: prefill the batch
-        cache = make()
-        out = lm(prompt.expand(batch, -1), **with_cache(lm, cache))
+    if isinstance(cache, QuantizedCache):
+        repeat_quantized_rows(cache, batch)
     else:
         cache.batch_repeat_interleave(batch)
     token = out.logits[:, -1:].argmax(-1).expand(batch, 1)
