@@ -34,14 +34,15 @@ CSR_ATTENTION = "csr_codes"
 class CodedValues:
     """One layer's values for one attention call: [front (exact)] [coded] [back (exact)] along the sequence.
 
-    idx, coef: (B, H, n, s_n, k) of the coded slots, idx pointing into `table` (every row's atoms, see
-    `Codebook.batch_table`) — captured when the cache hands them over, before it codes the call's overflow."""
+    idx, coef: (B, H, n, s_n, k) of the coded slots, idx row-local (offline atoms first, then the row's extra
+    atoms) — captured when the cache hands them over, before it codes the call's overflow."""
 
     front: torch.Tensor  # (B, H, S, d) sink values
     back: torch.Tensor  # (B, H, W + T, d) window and the call's new values
     idx: torch.Tensor | None  # None: nothing coded yet
     coef: torch.Tensor | None
-    table: torch.Tensor  # (N_total, w) float32
+    offline: torch.Tensor  # (N, w) float32, shared by the rows
+    extra: torch.Tensor | None  # (B, M, w): each row's online and guard atoms
     center: torch.Tensor | None = None  # (H, d) μ
     unwhiten: torch.Tensor | None = None  # (H, d, d) A⁻¹
 
@@ -62,14 +63,25 @@ class CodedValues:
         return out if n == 0 else out + self._coded_output(coded.float()).to(out.dtype)
 
     def _coded_output(self, w: torch.Tensor) -> torch.Tensor:
-        """w: (B, H, G, T, n) → Σ_t w_t v_t over the coded slots: (B, H, G, T, d)."""
+        """w: (B, H, G, T, n) → Σ_t w_t v_t over the coded slots: (B, H, G, T, d).
+
+        a[b, h, g, t, chunk, atom] = Σ_slot w[b, h, g, t, slot] · Σ_k coef[b, h, slot, chunk, k] · [idx = atom],
+        split into the shared offline atoms (one product with D) and each row's extra atoms (a batched product)."""
         B, H, G, T, n = w.shape
         s_n, k = self.idx.shape[3], self.idx.shape[4]
-        # a[b, h, g, t, chunk, atom] = Σ_slot w[b, h, g, t, slot] · Σ_k coef[b, h, slot, chunk, k] · [idx = atom]
         src = (w[..., None, None] * self.coef[:, :, None, None]).transpose(4, 5).reshape(B, H, G, T, s_n, n * k)
         index = self.idx.long().transpose(2, 3).reshape(B, H, 1, 1, s_n, n * k).expand(B, H, G, T, s_n, n * k)
-        a = torch.zeros(B, H, G, T, s_n, self.table.shape[0], device=w.device).scatter_add_(-1, index, src)
-        x = (a @ self.table).reshape(B, H, G, T, -1)
+        N = self.offline.shape[0]
+        offline = index < N
+        a = torch.zeros(B, H, G, T, s_n, N, device=w.device)
+        a.scatter_add_(-1, torch.where(offline, index, 0), torch.where(offline, src, 0))
+        x = a @ self.offline.float()
+        if self.extra is not None and self.extra.shape[1] and not bool(offline.all()):
+            M = self.extra.shape[1]
+            a = torch.zeros(B, H, G, T, s_n, M, device=w.device)
+            a.scatter_add_(-1, torch.where(offline, 0, index - N), torch.where(offline, 0, src))
+            x = x + (a.view(B, -1, M) @ self.extra.float()).view(x.shape)
+        x = x.reshape(B, H, G, T, -1)
         if self.unwhiten is not None:
             x = torch.einsum("hij,bhgtj->bhgti", self.unwhiten.float(), x)
         if self.center is not None:

@@ -280,12 +280,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
 
-    def _unpacked(self, store: _KindStore, H: int, s_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's codes, unpacked in one call → idx (indices into `codebook.batch_table()`), coef: (B, H, n, s_n, k)."""
+    def _unpacked(self, store: _KindStore, H: int, s_n: int, *, row_local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's codes, unpacked in one call → idx, coef: (B, H, n, s_n, k); idx points into
+        `codebook.batch_table()`, or with `row_local` into each row's own atoms (offline, then its extras)."""
         B, n = store.codes.shape[:2]
         idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=store.token_scales(n))  # (B·n, H·s_n, k)
         shape = (B, n, H, s_n, store.layout.k)
-        idx = store.codebook.batch_index(idx.view(shape))
+        idx = idx.view(shape) if row_local else store.codebook.batch_index(idx.view(shape))
         return idx.transpose(1, 2), coef.view(shape).transpose(1, 2)
 
     def _encode_rows(self, store: _KindStore, chunks: torch.Tensor, k: int):
@@ -365,9 +366,9 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     def _coded_values(self, new: torch.Tensor) -> CodedValues:
         """The values as `csr_runtime.attention` aggregates them: exact sinks, the codes, exact window + new."""
         store, H = self.stores["values"], new.shape[1]
-        idx, coef = self._unpacked(store, H, self.settings.s_n_values) if self.n_coded else (None, None)
+        idx, coef = self._unpacked(store, H, self.settings.s_n_values, row_local=True) if self.n_coded else (None, None)
         return CodedValues(self.sink_values, torch.cat([self.values, new], dim=-2), idx, coef,
-                           store.codebook.batch_table(), store.center, store.unwhiten)
+                           store.codebook.offline, store.codebook.extra, store.center, store.unwhiten)
 
     def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of every held token, as the next step's attention will read them."""
