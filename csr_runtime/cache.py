@@ -391,7 +391,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         """Every tensor this layer holds for the sequence (offline atoms only if asked: they are shared)."""
         out = [t for t in (self.keys, self.values, self.sink_keys, self.sink_values, self.n_pad) if t is not None]
         for store in self.stores.values():
-            out += [t for t in (store.codes,) if t is not None] + store.codebook.held_tensors()
+            out += [t for t in (store.codes, store.scale) if t is not None] + store.codebook.held_tensors()
             if include_offline:
                 out.append(store.codebook.offline)
         return out

@@ -81,7 +81,7 @@ def test_memory_bytes_counts_every_held_tensor_and_matches_the_packed_formula(co
     codes = B * coded * (key_bytes + value_bytes)
     online = B * 6 * (16 + 8) * 2  # fp16 atoms, keys (w=16) and values (w=8)
     exact = 2 * B * H * (3 + 2) * 16 * 4  # fp32 K and V of the window and the sinks
-    per_layer = codes + online + exact + B * 8  # + n_pad (int64 per row)
+    per_layer = codes + online + exact + B * 8 + 2 * B * 4  # + n_pad (int64 per row), each row's float32 scale (K, V)
     assert cache.memory_bytes() == 2 * per_layer
     assert cache.memory_bytes(include_offline=True) == cache.memory_bytes() + (64 * 16 + 64 * 8) * 4
 
@@ -193,7 +193,7 @@ def test_packed_codes_take_fewer_bytes_than_the_papers_layout_and_stay_close():
         cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0, **layout)
         with torch.no_grad():
             lm(ids, past_key_values=cache)
-        sizes[name] = cache.memory_bytes() - 2 * 8  # n_pad aside
+        sizes[name] = cache.memory_bytes() - 2 * 8 - 2 * 2 * 4  # n_pad and the rows' coefficient scales aside
         read[name] = cache.layers[0].read_back()[1]
     # 64 atoms → 6-bit indices: keys 2 heads × 4 × (6 + 8) = 112 bits = 14 bytes a token vs 2 × 4 × 4 = 32
     assert sizes["fp8"] == 2 * 64 * (14 + 14) and sizes["paper"] == 2 * 64 * (32 + 32)
