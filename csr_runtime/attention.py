@@ -50,11 +50,6 @@ class CodedValues:
     def n_coded(self) -> int:
         return 0 if self.idx is None else self.idx.shape[2]
 
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        B, H, _, d = self.back.shape
-        return B, H, self.front.shape[2] + self.n_coded + self.back.shape[2], d
-
     def aggregate(self, weights: torch.Tensor) -> torch.Tensor:
         """weights: (B, H, G, T, S) attention weights of the G query heads of each KV head → (B, H, G, T, d)."""
         S0, n = self.front.shape[2], self.n_coded
@@ -76,7 +71,7 @@ class CodedValues:
         a = torch.zeros(B, H, G, T, s_n, N, device=w.device)
         a.scatter_add_(-1, torch.where(offline, index, 0), torch.where(offline, src, 0))
         x = a @ self.offline.float()
-        if self.extra is not None and self.extra.shape[1] and not bool(offline.all()):
+        if self.extra is not None and self.extra.shape[1]:
             M = self.extra.shape[1]
             a = torch.zeros(B, H, G, T, s_n, M, device=w.device)
             a.scatter_add_(-1, torch.where(offline, 0, index - N), torch.where(offline, 0, src))

@@ -156,12 +156,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         # The attention of this call sees the compressed past plus its own tokens exactly (as in
         # transformers' QuantizedLayer); the new tokens are coded for later calls afterwards.
         keys_out = self._assemble("keys", self.keys, key_states)
-        if getattr(self.config, "_attn_implementation", None) == CSR_ATTENTION:
-            values_out = self._coded_values(value_states)
-        else:
+        as_codes = getattr(self.config, "_attn_implementation", None) == CSR_ATTENTION
+        if not as_codes:
             values_out = self._assemble("values", self.values, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
+        if as_codes:  # the window now ends with the new values; the codes are read before this call's are added
+            values_out = self._coded_values()
         overflow = self.keys.shape[-2] - self.settings.window
         if overflow > 0:
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
@@ -363,12 +364,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             out[:, :, S : S + n] = x
         return out
 
-    def _coded_values(self, new: torch.Tensor) -> CodedValues:
-        """The values as `csr_runtime.attention` aggregates them: exact sinks, the codes, exact window + new."""
-        store, H = self.stores["values"], new.shape[1]
+    def _coded_values(self) -> CodedValues:
+        """The values as `csr_runtime.attention` aggregates them: exact sinks, the codes, the exact window (which
+        holds the call's new values)."""
+        store, H = self.stores["values"], self.values.shape[1]
         idx, coef = self._unpacked(store, H, self.settings.s_n_values, row_local=True) if self.n_coded else (None, None)
-        return CodedValues(self.sink_values, torch.cat([self.values, new], dim=-2), idx, coef,
-                           store.codebook.offline, store.codebook.extra, store.center, store.unwhiten)
+        return CodedValues(self.sink_values, self.values, idx, coef, store.codebook.offline, store.codebook.extra,
+                           store.center, store.unwhiten)
 
     def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of every held token, as the next step's attention will read them."""

@@ -12,6 +12,7 @@ import time
 import mlx.core as mx
 
 from csr_core import defaults
+from csr_core.code_layout import COEF_FORMATS
 from csr_core.prompts import chat_prompt
 from mlx_backend.cache import cache_nbytes, make_csr_cache
 from mlx_backend.convert import EMBEDDED_MODEL, mlx_source
@@ -40,7 +41,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help=f"default: the dictionary file's setting, else {defaults.WINDOW}")
     p.add_argument("--sink-tokens", type=int, default=None,
                    help=f"default: the dictionary file's setting, else {defaults.SINK_TOKENS}")
-    p.add_argument("--coef-format", default=None, choices=["fp8", "int8", "fp16", "e3m1"],
+    p.add_argument("--coef-format", default=None, choices=list(COEF_FORMATS),
                    help=f"default: the dictionary file's setting, else {defaults.COEF_FORMAT}")
     return p
 
