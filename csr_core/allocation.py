@@ -3,9 +3,11 @@
 Given, per kind, the mean squared coding error e_λ(k) of every layer λ after k = 0 … k_max atoms per
 chunk (measured at training time, in the space the dictionary lives in; stored in the dictionary file
 as `error_curve`), start from one atom everywhere and give the next atom to the (layer, kind) with the
-largest `w_kind · (e(k) − e(k + 1)) / bits of one more atom`, until the budget is spent. On convex
-curves this greedy choice is optimal. `key_weight` = w_keys / w_values is the exchange rate between
-the two kinds' errors (chosen on the validation split).
+largest `w_kind · σ_λ,kind · (e(k) − e(k + 1)) / bits of one more atom`, until the budget is spent. On
+convex curves this greedy choice is optimal. σ_λ,kind is the layer's measured sensitivity (output KL per
+unit of error, `sensitivity` in the file; 1 where the file has none), so that the product is the KL an
+atom buys; `key_weight` = w_keys / w_values is a further exchange rate between the two kinds' errors
+(chosen on the validation split).
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ KINDS = ("keys", "values")
 
 
 def greedy_allocation(curves: dict, atom_bits: dict, *, bits_per_channel: float, n_kv_heads: int, head_dim: int,
-                      s_n: dict, key_weight: float = 1.0) -> dict[str, list[int]]:
+                      s_n: dict, key_weight: float = 1.0, sensitivity: dict | None = None) -> dict[str, list[int]]:
     """Atoms per chunk {kind: [k_λ]} with Σ code bits ≤ the budget (codes only; byte padding aside).
 
     atom_bits[kind]: bits of one (index, coefficient) pair; one more atom per chunk costs
-    n_kv_heads · s_n · atom_bits bits a token."""
+    n_kv_heads · s_n · atom_bits bits a token. sensitivity[kind]: (n_layers,) weights of the layers' errors
+    (None: every layer alike)."""
     n_layers = next(iter(curves.values())).shape[0]
+    sensitivity = sensitivity or {}
+    curves = {kind: curves[kind] * (1.0 if sensitivity.get(kind) is None else sensitivity[kind][:, None])
+              for kind in KINDS}
     budget = bits_per_channel * n_layers * 2 * n_kv_heads * head_dim  # bits a token, every layer, K and V
     cost = {kind: n_kv_heads * s_n[kind] * atom_bits[kind] for kind in KINDS}
     minimum = n_layers * sum(cost.values())
@@ -79,5 +85,6 @@ def _resolve(dictionary, sparsity, sparsity_keys, sparsity_values, code_bits_per
     m = dictionary.model
     allocation = greedy_allocation(curves, atom_bits, bits_per_channel=code_bits_per_channel, n_kv_heads=m.n_kv_heads,
                                    head_dim=m.head_dim, s_n={kind: dictionary.kind(kind).s_n for kind in KINDS},
-                                   key_weight=key_weight)
+                                   key_weight=key_weight,
+                                   sensitivity={kind: dictionary.kind(kind).sensitivity for kind in KINDS})
     return allocation["keys"], allocation["values"]

@@ -83,6 +83,7 @@ class KindDictionaries:
     whiten: np.ndarray | None = None  # (n_layers, n_kv_heads, d_h, d_h) A, with metric "attention"
     unwhiten: np.ndarray | None = None  # A⁻¹
     center: np.ndarray | None = None  # (n_layers, n_kv_heads, d_h) μ: vectors are coded as x − μ
+    sensitivity: np.ndarray | None = None  # v2: (n_layers,) output KL per unit of error_curve, measured per layer
 
     def for_layer(self, layer: int) -> np.ndarray:
         return self.atoms[self.layer_to_group[layer]]
@@ -159,6 +160,8 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
             tensors[f"{kind}/unwhiten"] = np.ascontiguousarray(d.unwhiten, dtype=np.float32)
         if d.center is not None:
             tensors[f"{kind}/center"] = np.ascontiguousarray(d.center, dtype=np.float32)
+        if d.sensitivity is not None:
+            tensors[f"{kind}/sensitivity"] = np.ascontiguousarray(d.sensitivity, dtype=np.float32)
     meta = {
         "format_version": FORMAT_VERSION,
         "model": asdict(dictionary.model),
@@ -272,7 +275,7 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
         if not isinstance(n_atoms, list) or not all(type(n) is int for n in n_atoms):
             raise ValueError(f"{path}: field '{kind}.n_atoms' must be a list of ints, got {n_atoms!r}")
         expected |= {f"{kind}/group_{g}" for g in range(len(n_atoms))}
-        expected |= {f"{kind}/{extra}" for extra in ("error_curve", "whiten", "unwhiten", "center")}
+        expected |= {f"{kind}/{extra}" for extra in ("error_curve", "whiten", "unwhiten", "center", "sensitivity")}
     unknown = sorted(set(tensors) - expected)
     if unknown:
         raise ValueError(f"{path}: tensors {unknown} are not part of the format (docs/dictionary-format.md)")
@@ -300,6 +303,7 @@ def load_dictionary(path: str | os.PathLike, *, model: ModelFingerprint | None =
             whiten=tensors.get(f"{kind}/whiten"),
             unwhiten=tensors.get(f"{kind}/unwhiten"),
             center=tensors.get(f"{kind}/center"),
+            sensitivity=tensors.get(f"{kind}/sensitivity"),
         )
         for g, (n, a) in enumerate(zip(n_atoms, atoms)):
             if a.shape[0] != n:
@@ -322,6 +326,9 @@ def _field(meta: dict, name: str, path, label: str | None = None):
 
 def _validate(d: DictionaryFile, *, source: str) -> None:
     head_dim = d.model.head_dim
+    if (d.keys.sensitivity is None) != (d.values.sensitivity is None):
+        raise ValueError(f"{source}: keys/sensitivity and values/sensitivity weigh the two kinds against each other: "
+                         f"give both or neither")
     for kind in KINDS:
         k = d.kind(kind)
         if type(k.s_n) is not int or k.s_n < 1 or head_dim % k.s_n:
@@ -347,6 +354,10 @@ def _validate(d: DictionaryFile, *, source: str) -> None:
                                   or not np.isfinite(curve).all() or (curve < 0).any()):
             raise ValueError(f"{source}: {kind}/error_curve must be finite, non-negative, of shape (n_layers, k_max + 1) "
                              f"= ({d.model.n_layers}, ≥ 2); got {tuple(curve.shape)}")
+        sens = k.sensitivity
+        if sens is not None and (sens.shape != (d.model.n_layers,) or not np.isfinite(sens).all() or (sens < 0).any()):
+            raise ValueError(f"{source}: {kind}/sensitivity must be finite, non-negative, of shape (n_layers,) = "
+                             f"({d.model.n_layers},); got {tuple(sens.shape)}")
         if k.metric not in METRICS:
             raise ValueError(f"{source}: {kind}.metric = {k.metric!r}; supported: {list(METRICS)}")
         whitened = k.metric == "attention"

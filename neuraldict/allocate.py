@@ -73,6 +73,7 @@ def allocate(
     tokens: int = 2048,
     model: str | None = None,
     runtime: dict | None = None,
+    sensitivity_tokens: int = 1024,
 ) -> Path:
     """Write a copy of `dictionary` with its error curves and an allocation of `bits_per_channel` (codes only).
 
@@ -91,6 +92,8 @@ def allocate(
         runtime: cache settings to store in the file as the ones it was evaluated with, e.g.
             '{"guard_atoms": 256, "guard_threshold": 0.1}' (keys: csr_core.dictionary_file.RUNTIME_KEYS);
             CSRCache / make_csr_cache use them where the caller gives none.
+        sensitivity_tokens: validation tokens on which each layer's sensitivity (output KL per unit of error) is
+            measured and stored to weigh the error curves (neuraldict/sensitivity.py); 0: every layer alike.
     """
     from neuraldict.collect import collect_kv
 
@@ -106,19 +109,26 @@ def allocate(
     collection = collect_kv(model=model or d.model.model_id, corpus=corpus, split="validation", max_tokens=tokens,
                             window=min(512, tokens))
     curves = error_curves(d, collection.vectors, max_sparsity=max_sparsity)
+    sensitivity = {kind: None for kind in KINDS}
+    if sensitivity_tokens:
+        from neuraldict.sensitivity import measure_sensitivity
+
+        sensitivity = measure_sensitivity(d, model=model or d.model.model_id, corpus=corpus, tokens=sensitivity_tokens)
     extra = online_atoms + guard_atoms
     # one (index, coefficient) pair; int8's per-chunk scale is left out of the exchange rates
     atom_bits = {kind: index_bits_for(max(a.shape[0] for a in d.kind(kind).atoms) + extra) + COEF_BITS[coef_format]
                  for kind in KINDS}
     allocation = greedy_allocation(curves, atom_bits, bits_per_channel=bits_per_channel, n_kv_heads=d.model.n_kv_heads,
                                    head_dim=d.model.head_dim, s_n={kind: d.kind(kind).s_n for kind in KINDS},
-                                   key_weight=key_weight)
+                                   key_weight=key_weight, sensitivity=sensitivity)
     provenance = {**d.provenance, "allocation": {"bits_per_channel": bits_per_channel, "key_weight": key_weight,
                                                  "online_atoms": online_atoms, "guard_atoms": guard_atoms,
-                                                 "coef_format": coef_format, "corpus": corpus, "tokens": tokens}}
+                                                 "coef_format": coef_format, "corpus": corpus, "tokens": tokens,
+                                                 "sensitivity_tokens": sensitivity_tokens}}
     result = dataclasses.replace(
         d, provenance=provenance, runtime={**d.runtime, **runtime},
-        **{kind: dataclasses.replace(d.kind(kind), allocation=allocation[kind], error_curve=curves[kind]) for kind in KINDS})
+        **{kind: dataclasses.replace(d.kind(kind), allocation=allocation[kind], error_curve=curves[kind],
+                                                        sensitivity=sensitivity[kind]) for kind in KINDS})
     output = Path(output) if output else Path(dictionary).with_name(f"{Path(dictionary).stem}-{bits_per_channel:g}bit.safetensors")
     save_dictionary(output, result)
     print(f"Allocation for {bits_per_channel:g} bits per channel (codes), atoms per chunk by layer:")

@@ -120,6 +120,8 @@ def test_neuraldict_allocate_stores_the_allocation_and_runtime_settings(tiny_mod
                    runtime={"guard_atoms": 8, "guard_threshold": 0.1})
     stored = load_dictionary(out)
     assert stored.runtime == {"guard_atoms": 8, "guard_threshold": 0.1} and stored.keys.allocation is not None
+    assert stored.keys.sensitivity.shape == stored.values.sensitivity.shape == (3,)  # measured on the model
+    assert (stored.keys.sensitivity > 0).all()
     settings = CSRCache(lm, out, model_id=str(tiny_model_dir)).settings
     assert (settings.guard_atoms, settings.guard_threshold) == (8, 0.1)
     assert settings.sparsity_keys == stored.keys.allocation
