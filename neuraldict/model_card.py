@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from csr_core.defaults import COEF_FORMAT, GUARD_ATOMS, ONLINE_ATOMS
 from csr_core.dictionary_file import KINDS, DictionaryFile
 from csr_core.options import codes_bits_per_channel
@@ -53,6 +55,12 @@ def model_card(d: DictionaryFile, *, command: str | None = None) -> str:
             if all(j < c.shape[1] for c in curves.values()):
                 rel = [float((c[:, j] / c[:, 0].clip(min=1e-30)).mean()) for c in curves.values()]
                 lines.append(f"| {j} | " + " | ".join(f"{r:.3f}" for r in rel) + " |")
+    if all(d.kind(kind).sensitivity is not None for kind in KINDS):
+        sens = {kind: d.kind(kind).sensitivity for kind in KINDS}
+        most = {kind: int(np.argmax(s)) for kind, s in sens.items()}
+        lines += ["", "## Layer sensitivity (output KL per unit of error; weighs the error curves in bit budgets)", "",
+                  *[f"- {kind}: median {float(np.median(s)):.3g}, range {float(s.min()):.3g} … {float(s.max()):.3g} "
+                    f"(most sensitive: layer {most[kind]})" for kind, s in sens.items()]]
     if d.runtime:
         lines += ["", "## Cache settings this dictionary was evaluated with", "",
                   "`CSRCache` / `make_csr_cache` use these where the caller gives none:", "",

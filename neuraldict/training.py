@@ -90,6 +90,7 @@ class NeuralDict(L.LightningModule):
         kmeans_vectors: int = 16384,
         export_path: str | None = None,
         allocation_max_sparsity: int = 12,
+        sensitivity_tokens: int = 1024,
     ):
         """
         Args:
@@ -105,6 +106,9 @@ class NeuralDict(L.LightningModule):
             export_path: where the dictionary file goes (default: `dictionary.safetensors` in the run folder).
             allocation_max_sparsity: the exported error curves run to this many atoms per chunk (the most a
                 budget allocation can give one layer).
+            sensitivity_tokens: validation tokens on which each layer's sensitivity (output KL per unit of
+                coding error, neuraldict/sensitivity.py) is measured after training and exported to weigh the
+                error curves; one forward pass per layer and kind. 0: every layer alike.
         """
         super().__init__()
         for name, s in (("sparsity_keys", sparsity_keys), ("sparsity_values", sparsity_values)):
@@ -117,6 +121,8 @@ class NeuralDict(L.LightningModule):
                 raise ValueError(f"{name} must be >= 1, got {s_n}")
         if not 1 <= n_atoms < INDEX_LIMIT:
             raise ValueError(f"n_atoms = {n_atoms} is outside 1..{INDEX_LIMIT - 1}, the range of int16 indices")
+        if sensitivity_tokens < 0:
+            raise ValueError(f"sensitivity_tokens must be >= 0 (0: no sensitivity), got {sensitivity_tokens}")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
         self.save_hyperparameters()
@@ -254,6 +260,14 @@ class NeuralDict(L.LightningModule):
         curves = error_curves(dictionary, validation.vectors, max_sparsity=self.hparams.allocation_max_sparsity)
         for kind in KINDS:
             dictionary.kind(kind).error_curve = curves[kind]
+        if self.hparams.sensitivity_tokens:
+            from neuraldict.sensitivity import measure_sensitivity
+
+            sensitivity = measure_sensitivity(dictionary, model=dm.hparams.model, corpus=dm.hparams.corpus,
+                                              tokens=self.hparams.sensitivity_tokens, window=dm.hparams.window,
+                                              device=dm.hparams.collect_device)
+            for kind in KINDS:
+                dictionary.kind(kind).sensitivity = sensitivity[kind]
         from neuraldict.model_card import write_card
 
         path = save_dictionary(path, dictionary)

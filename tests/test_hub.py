@@ -3,6 +3,7 @@
 
 import hashlib
 
+import numpy as np
 import pytest
 
 from csr_core.dictionary_file import is_hub_id, load_dictionary, save_dictionary
@@ -79,6 +80,8 @@ def test_exported_dictionaries_carry_a_model_card_with_the_fields_users_need(tmp
     assert "| 4 | 16.00 |" in model_card(d)
     d.runtime = {"guard_atoms": 256}
     assert "- `guard_atoms`: 256" in model_card(d)
+    d.keys.sensitivity, d.values.sensitivity = np.array([1.0, 3.0, 2.0]), np.array([5.0, 4.0, 6.0])
+    assert "- keys: median 2, range 1 … 3 (most sensitive: layer 1)" in model_card(d)
 
 
 def test_push_uploads_the_file_and_its_card(tmp_path):

@@ -131,6 +131,8 @@ def test_fit_exports_a_loadable_dictionary_and_resumes(tiny_model_dir, other_tin
     assert dictionary.keys.atoms[0].shape == (32, 16) and dictionary.values.atoms[0].shape == (32, 16)
     curve = dictionary.values.error_curve  # held-out error after 0..12 atoms: what runtimes allocate budgets with
     assert curve.shape == (3, 13) and (np.diff(curve, axis=1) <= 1e-6).all() and (curve[:, 12] < 0.5 * curve[:, 0]).all()
+    for kind in ("keys", "values"):  # measured on the model after training: weighs the curves at run time
+        assert dictionary.kind(kind).sensitivity.shape == (3,) and (dictionary.kind(kind).sensitivity > 0).all()
     assert (path.parent / "summary.csv").is_file() and (path.parent / "layer_divergence.png").is_file()
     assert "held-out error" in (path.parent / "dictionary.card.md").read_text().lower()  # the model card
 
