@@ -8,14 +8,16 @@ again when read. The first `sink_tokens` tokens stay exact. Per layer, kind and 
 `Codebook` (`codebook.py`): offline (file) + online (the prompt's own vectors) + guard (vectors whose
 relative residual stays above a threshold); the newest `window` tokens stay in full precision. The
 call's own new K/V reach the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
-Not supported here (use the PyTorch runtime): left-padded batches. Prompt caches are saved and loaded
-with `mlx_backend.prompt_cache` (mlx-lm's own loader only rebuilds its own cache classes).
+Sequences of different lengths batch through mlx-lm's own protocol (`merge` → `batch_rows.BatchCSRKVCache`:
+`batch_generate`, the server's batching). Prompt caches are saved and loaded with `mlx_backend.prompt_cache`
+(mlx-lm's own loader only rebuilds its own cache classes).
 """
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import mlx.core as mx
 import numpy as np
@@ -119,6 +121,24 @@ class CSRKVCache:
 
     def make_mask(self, *args, **kwargs):
         return create_attention_mask(*args, offset=self.offset, **kwargs)
+
+    @classmethod
+    def merge(cls, caches: list):
+        """mlx-lm's batching: single-sequence caches of one layer → a `BatchCSRKVCache` of them."""
+        from mlx_backend.batch_rows import BatchCSRKVCache
+
+        return BatchCSRKVCache.merge(caches)
+
+    def copy(self) -> "CSRKVCache":
+        """A cache that continues from here independently (arrays are immutable and shared, lists are not)."""
+        new = copy.copy(self)
+        new.stats, new.stores = dict(self.stats), {}
+        for kind, store in self.stores.items():
+            codebook = copy.copy(store.codebook)
+            codebook._rows = {}
+            codebook.select_rows(range(len(codebook.extra or [])))  # fresh per-row lists
+            new.stores[kind] = replace(store, codebook=codebook, scale=None if store.scale is None else list(store.scale))
+        return new
 
     def empty(self) -> bool:
         return self.keys is None
@@ -342,9 +362,9 @@ def make_csr_cache(
 def install(model, dictionary: str | os.PathLike | DictionaryFile, **options) -> None:
     """Make mlx-lm build CSR caches for `model`: `make_prompt_cache(model)` — and so `generate` and
     `stream_generate` without a prompt cache of their own, and whatever else in mlx-lm builds its cache that
-    way — returns a fresh CSR cache (the dictionary is read once). `options` are `make_csr_cache`'s. Batched
-    paths (`batch_generate`, the server's batching) need merge/extract, which the CSR cache does not have
-    yet. Undo with `del model.make_cache`."""
+    way — returns a fresh CSR cache (the dictionary is read once); batched paths (`batch_generate`, the server's
+    batching) merge those into `BatchCSRKVCache`s. `options` are `make_csr_cache`'s. Undo with
+    `del model.make_cache`."""
     if not isinstance(dictionary, DictionaryFile):
         dictionary = load_dictionary(dictionary, model=model_fingerprint(model, options.get("model_id", "model")))
     make_csr_cache(model, dictionary, **options)  # a bad option fails here, not at the first request

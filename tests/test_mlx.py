@@ -333,3 +333,46 @@ def test_prompt_cache_round_trip_continues_exactly(tmp_path):
         load_prompt_cache(tmp_path / "plain.safetensors", model, d)
     with pytest.raises(ValueError, match="save other caches with mlx_lm.models.cache.save_prompt_cache"):
         save_prompt_cache(tmp_path / "x.safetensors", plain)
+
+
+class _Tokens:
+    """What `batch_generate` needs of a tokenizer when the prompts are token ids."""
+
+    eos_token_ids = [127]
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def _lossy_dictionary(model):
+    """A random (lossy) dictionary: every row's codes, online and guard atoms matter for its tokens."""
+    return DictionaryFile(model_fingerprint(model, "tiny"), KindDictionaries(1, 3, [0, 0], [random_atoms(32, 16, 0)]),
+                          KindDictionaries(1, 3, [0, 0], [random_atoms(32, 16, 1)]))
+
+
+def test_batch_generate_with_csr_caches_matches_each_sequence_alone():
+    """mlx-lm's own batched loop (right-padded prompts, left-padded decoding, rows leaving as they finish)
+    with CSR caches gives every sequence the tokens it gets alone — and its cache holds the same codes."""
+    from mlx_lm.generate import batch_generate, generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_backend.batch_rows import BatchCSRKVCache
+    from mlx_backend.cache import install
+
+    model = tiny_mlx_llama()
+    install(model, _lossy_dictionary(model), online_atoms=4, guard_atoms=4, sink_tokens=1, window=2)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 127, n).tolist() for n in (5, 13, 9)]
+    max_tokens = [6, 4, 8]  # rows leave the batch at different steps (filter)
+    batch = batch_generate(model, _Tokens(), prompts, max_tokens=max_tokens, return_token_ids=True,
+                           return_prompt_caches=True, return_logprobs=True)
+    for prompt, n, got, logprobs, cache in zip(prompts, max_tokens, batch.token_ids, batch.logprobs, batch.caches):
+        alone = make_prompt_cache(model)
+        steps = list(generate_step(mx.array(prompt), model, max_tokens=n, prompt_cache=alone))
+        assert got == [int(t) for t, _ in steps]
+        np.testing.assert_allclose(logprobs, [float(lp[int(t)]) for t, lp in steps], atol=1e-4)
+        assert cache[1].n_coded > 0 and cache[1].stats["vectors_coded"] > 0  # the batch coded this row's tokens
+    merged = BatchCSRKVCache.merge([make_prompt_cache(model)[0] for _ in range(2)])
+    assert len(merged.rows) == 2 and merged.empty()
+    with pytest.raises(ValueError, match="right-padded prompts"):
+        merged.prepare(left_padding=[1, 0])
