@@ -1,92 +1,104 @@
-"""Generate text with an mlx-lm model whose KV cache is stored as CSR codes, next to a plain KVCache.
+"""`mlx_lm.generate` with the KV cache stored as CSR codes: mlx-lm's own command line and generation loop
+(sampling, chat templates, streaming, `--max-tokens`, Hub ids when online), plus the CSR options.
 
-    python -m mlx_backend.generate --dictionary runs/llama/.../dictionary.safetensors \
-        --prompt "The capital of France is" --max-tokens 40
+    python -m mlx_backend.generate --csr-dictionary runs/llama/.../dictionary.safetensors \
+        --prompt "What is the capital of France?" --max-tokens 40
+
+Every flag of `mlx_lm.generate` works as there (`--temp`, `--top-p`, `--seed`, `--system-prompt`,
+`--ignore-chat-template`, `--verbose` ...); `--model` defaults to the embedded SmolLM2, and local
+Hugging Face folders are converted for mlx-lm (`mlx_backend.convert`). mlx-lm builds the CSR cache
+itself (`cache.install`). `--compare-kv-cache` runs the same command once more with mlx-lm's plain cache.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-
-import mlx.core as mx
+import importlib
+import sys
 
 from csr_core import defaults
 from csr_core.code_layout import COEF_FORMATS
-from csr_core.prompts import chat_prompt
-from mlx_backend.cache import cache_nbytes, make_csr_cache
+from mlx_backend.cache import cache_nbytes, install
 from mlx_backend.convert import EMBEDDED_MODEL, mlx_source
+
+# CSR option → make_csr_cache keyword
+CSR_OPTIONS = {"csr_sparsity": "sparsity", "csr_online_atoms": "online_atoms", "csr_guard_atoms": "guard_atoms",
+               "csr_window": "window", "csr_sink_tokens": "sink_tokens", "csr_coef_format": "coef_format"}
+# mlx-lm flags that build another cache than the one CSR installs
+CONFLICTS = {"kv_bits": "--kv-bits", "prompt_cache_file": "--prompt-cache-file", "draft_model": "--draft-model",
+             "max_kv_size": "--max-kv-size"}
+
+
+def add_csr_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("CSR cache")
+    g.add_argument("--csr-dictionary", required=True, help="dictionary file (from `lightning fit`) or Hub repo id")
+    g.add_argument("--csr-sparsity", type=int, default=None,
+                   help="CSR-s: keys s atoms, values s / s_n per chunk (default: the file's allocation or sparsity)")
+    for name, constant in (("online-atoms", "ONLINE_ATOMS"), ("guard-atoms", "GUARD_ATOMS"), ("window", "WINDOW"),
+                           ("sink-tokens", "SINK_TOKENS")):
+        g.add_argument(f"--csr-{name}", type=int, default=None,
+                       help=f"default: the dictionary file's setting, else {getattr(defaults, constant)}")
+    g.add_argument("--csr-coef-format", default=None, choices=list(COEF_FORMATS),
+                   help=f"default: the dictionary file's setting, else {defaults.COEF_FORMAT}")
+    g.add_argument("--compare-kv-cache", action="store_true",
+                   help="run the same generation again with mlx-lm's plain KVCache (speed, memory, text)")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="embedded alias, local HF or mlx-lm folder, or a Hub id (downloaded by mlx-lm when online)")
-    p.add_argument("--dictionary", required=True, help="dictionary file from `lightning fit`")
-    p.add_argument("--prompt", default="The three most important ideas of the Python language are")
-    p.add_argument("--max-tokens", type=int, default=40)
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy), as mlx_lm.generate")
-    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling (0: off), as mlx_lm.generate")
-    p.add_argument("--seed", type=int, default=None, help="seed of the sampler")
-    p.add_argument("--raw-prompt", action="store_true", help="send the prompt as is (default: the chat template of "
-                   "an Instruct model, raw text for a base model)")
-    p.add_argument("--compare-kv-cache", action="store_true",
-                   help="also generate with mlx-lm's plain KVCache and print its speed, memory and text")
-    p.add_argument("--sparsity", type=int, default=None,
-                   help="CSR-s: keys s atoms, values s / s_n per chunk (default: the dictionary file's allocation or sparsity)")
-    p.add_argument("--online-atoms", type=int, default=None,
-                   help=f"default: the dictionary file's setting, else {defaults.ONLINE_ATOMS}")
-    p.add_argument("--guard-atoms", type=int, default=None,
-                   help=f"default: the dictionary file's setting, else {defaults.GUARD_ATOMS}")
-    p.add_argument("--window", type=int, default=None,
-                   help=f"default: the dictionary file's setting, else {defaults.WINDOW}")
-    p.add_argument("--sink-tokens", type=int, default=None,
-                   help=f"default: the dictionary file's setting, else {defaults.SINK_TOKENS}")
-    p.add_argument("--coef-format", default=None, choices=list(COEF_FORMATS),
-                   help=f"default: the dictionary file's setting, else {defaults.COEF_FORMAT}")
+    """mlx-lm's parser, `--model` defaulting to the embedded SmolLM2, with the CSR options added."""
+    from mlx_lm.generate import setup_arg_parser as mlx_lm_parser
+
+    p = mlx_lm_parser()
+    p.description = __doc__.splitlines()[0]
+    p.set_defaults(model=EMBEDDED_MODEL)
+    add_csr_arguments(p)
     return p
 
 
-def run(model, tokenizer, prompt: str, prompt_cache, max_tokens: int, sampler=None, stream: bool = False):
-    from mlx_lm import stream_generate
+def main(argv: list[str] | None = None) -> None:
+    from mlx_lm.models.cache import KVCache
 
-    started, text, n = time.perf_counter(), "", 0
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, prompt_cache=prompt_cache,
-                                    sampler=sampler):
-        if stream:
-            print(response.text, end="", flush=True)
-        text += response.text
-        n = response.generation_tokens
-        tps = response.generation_tps
-    return text, tps, time.perf_counter() - started, n
+    mlx_lm_generate = importlib.import_module("mlx_lm.generate")  # the module (`mlx_lm.generate` is also a function)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = setup_arg_parser()
+    args = parser.parse_args(argv)  # every flag checked (and --help answered) before anything loads
+    for dest, flag in CONFLICTS.items():
+        if getattr(args, dest, None) is not None:
+            parser.error(f"{flag} builds a cache of its own; it cannot be combined with the CSR cache")
+    csr_only = argparse.ArgumentParser(add_help=False)
+    add_csr_arguments(csr_only)
+    _, mlx_lm_argv = csr_only.parse_known_args(argv)  # what is left is mlx-lm's own command line
+    mlx_lm_argv += ["--model", mlx_source(args.model)]
+    options = {keyword: getattr(args, dest) for dest, keyword in CSR_OPTIONS.items()}
+    built = []
 
-def main(argv=None) -> None:
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
+    def load_with(make_cache):
+        def load(*a, **kw):
+            model, *rest = original_load(*a, **kw)
+            make_cache(model)
+            recording = model.make_cache
+            model.make_cache = lambda: built.append(recording()) or built[-1]
+            return (model, *rest)
+        return load
 
-    args = setup_arg_parser().parse_args(argv)
-    model, tokenizer = load(mlx_source(args.model))
-    csr = make_csr_cache(model, args.dictionary, sparsity=args.sparsity, online_atoms=args.online_atoms,
-                         guard_atoms=args.guard_atoms, window=args.window, sink_tokens=args.sink_tokens,
-                         coef_format=args.coef_format, model_id=args.model)
-    from mlx_lm.sample_utils import make_sampler
+    def csr(model):
+        install(model, args.csr_dictionary, model_id=args.model, **options)
 
-    if args.seed is not None:
-        mx.random.seed(args.seed)
-    sampler = make_sampler(temp=args.temp, top_p=args.top_p)
-    prompt = chat_prompt(tokenizer, args.prompt, chat=not args.raw_prompt)
-    if args.raw_prompt:
-        print(args.prompt, end="", flush=True)
-    text, tps, seconds, n = run(model, tokenizer, prompt, csr, args.max_tokens, sampler, stream=True)
-    print("\n")
-    line = f"CSR-{args.sparsity or 'file'}: {tps:.1f} tokens/s, cache {cache_nbytes(csr) / 2**10:.1f} KiB"
-    if not args.compare_kv_cache:
-        print(line)
-        return
-    plain = make_prompt_cache(model)
-    plain_text, plain_tps, _, _ = run(model, tokenizer, prompt, plain, args.max_tokens, sampler)
-    print(f"{line} | KVCache: {plain_tps:.1f} tokens/s, cache {sum(c.nbytes for c in plain) / 2**10:.1f} KiB")
-    print(f"KVCache text: {plain_text}")
+    def plain(model):
+        model.make_cache = lambda: [KVCache() for _ in model.layers]
+
+    original_load, original_argv = mlx_lm_generate.load, sys.argv
+    runs = [("CSR", csr)] + ([("KVCache", plain)] if args.compare_kv_cache else [])
+    try:
+        for name, make_cache in runs:
+            if len(runs) > 1:
+                print(f"==== {name} ====")
+            mlx_lm_generate.load, sys.argv = load_with(make_cache), ["mlx_backend.generate", *mlx_lm_argv]
+            mlx_lm_generate.main()
+            print(f"{name} cache: {cache_nbytes(built[-1]) / 2**10:.1f} KiB after {built[-1][0].offset} tokens")
+    finally:
+        mlx_lm_generate.load, sys.argv = original_load, original_argv
 
 
 if __name__ == "__main__":

@@ -138,16 +138,21 @@ def random_smollm2_dictionary(smollm2, tmp_path):
 
 
 @pytest.mark.smollm2
-def test_generate_cli_prints_text_speed_and_memory(smollm2, tmp_path):
-    path = random_smollm2_dictionary(smollm2, tmp_path)
-    run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
-                          "The capital of France is", "--max-tokens", "6", "--sparsity", "8", "--compare-kv-cache"],
-                         capture_output=True, text=True, timeout=600)
+def generate_cli(path, *flags):
+    run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--csr-dictionary", str(path), "--csr-sparsity",
+                          "8", *flags], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "CSR-8:" in run.stdout and "tokens/s" in run.stdout and "| KVCache:" in run.stdout
-    csr_kib = float(run.stdout.split("CSR-8:")[1].split("cache ")[1].split(" KiB")[0])
-    plain_kib = float(run.stdout.split("| KVCache:")[1].split("cache ")[1].split(" KiB")[0])
+    return run.stdout
+
+
+def test_generate_cli_runs_mlx_lms_own_loop_and_compares_with_the_plain_cache(smollm2, tmp_path):
+    path = random_smollm2_dictionary(smollm2, tmp_path)
+    out = generate_cli(path, "--prompt", "The capital of France is", "--max-tokens", "6", "--compare-kv-cache")
+    assert out.count("tokens-per-sec") == 4  # mlx-lm's own report (prompt, generation), once per cache
+    csr_kib = float(out.split("CSR cache: ")[1].split(" KiB")[0])
+    plain_kib = float(out.split("KVCache cache: ")[1].split(" KiB")[0])
     assert 0 < csr_kib < plain_kib
+    assert "after 6 tokens" not in out  # the cache holds the chat-templated prompt and the answer
 
 
 @pytest.mark.smollm2
@@ -246,12 +251,14 @@ def test_conversions_of_two_folders_with_the_same_name_are_kept_apart(tmp_path, 
 @pytest.mark.smollm2
 def test_generate_cli_uses_the_chat_template_and_runs_one_generation_unless_asked(smollm2, tmp_path):
     path = random_smollm2_dictionary(smollm2, tmp_path)
-    run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
-                          "What is the capital of France?", "--max-tokens", "8", "--sparsity", "8"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "CSR-8:" in run.stdout and "KVCache" not in run.stdout  # no second generation unless asked
-    assert "What is the capital" not in run.stdout  # the chat answer, not a continuation of the raw prompt
+    out = generate_cli(path, "--prompt", "What is the capital of France?", "--max-tokens", "8")
+    assert "CSR cache:" in out and "KVCache" not in out  # no second generation unless asked
+    assert "What is the capital" not in out  # the chat answer, not a continuation of the raw prompt
+    templated = int(out.split("after ")[1].split(" tokens")[0])
+    raw = generate_cli(path, "--prompt", "What is the capital of France?", "--max-tokens", "8", "--ignore-chat-template")
+    assert int(raw.split("after ")[1].split(" tokens")[0]) < templated  # mlx-lm's flag sends the text as is
+    with pytest.raises(AssertionError, match="cannot be combined with the CSR cache"):
+        generate_cli(path, "--kv-bits", "4")
 
 
 def test_install_makes_mlx_lm_build_csr_caches():
@@ -292,15 +299,9 @@ def test_model_sources_local_folders_are_converted_hub_ids_pass_through(tmp_path
 @pytest.mark.smollm2
 def test_generate_cli_samples_with_temperature_and_seed(smollm2, tmp_path):
     path = random_smollm2_dictionary(smollm2, tmp_path)
-
-    def generate(seed):
-        run = subprocess.run([sys.executable, "-m", "mlx_backend.generate", "--dictionary", str(path), "--prompt",
-                              "Tell me a story.", "--max-tokens", "12", "--sparsity", "8", "--temp", "2.0",
-                              "--seed", str(seed)], capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-2000:]
-        return run.stdout.split("CSR-8:")[0]
-
-    assert generate(1) != generate(2)  # sampled, not greedy: the seed matters
+    text = lambda seed: generate_cli(path, "--prompt", "Tell me a story.", "--max-tokens", "12", "--temp", "2.0",
+                                     "--seed", str(seed)).split("==========")[1]
+    assert text(1) != text(2)  # sampled through mlx-lm's sampler, not greedy: the seed matters
 
 
 def test_prompt_cache_round_trip_continues_exactly(tmp_path):
