@@ -6,9 +6,10 @@ error is the attention metric — and records the mean squared error e_λ,kind(k
 atoms (MP is greedy: the first k atoms of a k_max-atom code are the k-atom code). Then, from one
 atom everywhere, the next atom goes to the (layer, kind) with the largest
 
-    w_kind · (e(k) − e(k + 1)) / (bits of one more atom in every KV head),
+    w_kind · σ_λ,kind · (e(k) − e(k + 1)) / (bits of one more atom in every KV head),
 
-until the budget is spent. `key_weight` (w_keys / w_values) sets the exchange rate between the key
+until the budget is spent. σ is the layer's measured sensitivity, the output KL per unit of e
+(`neuraldict/sensitivity.py`; `sensitivity_tokens=0` leaves it out), so the product is the KL an atom saves. `key_weight` (w_keys / w_values) sets the exchange rate between the key
 error (logit² units with the attention metric) and the value error (output² units): choose it on the
 validation split with `csr-eval --split validation`.
 
