@@ -92,6 +92,15 @@ def csr_attention(module, query: torch.Tensor, key: torch.Tensor, value, attenti
     """transformers' attention signature: query (B, Hq, T, d), key (B, H, S, d), value a tensor or `CodedValues`
     → (attn_output (B, T, Hq, d), attn_weights (B, Hq, T, S))."""
     global _noticed
+    if not isinstance(value, CodedValues):
+        if not _noticed:
+            warnings.warn(f"{CSR_ATTENTION!r} attention got dense values (not a CSRCache layer): computing the dense "
+                          f"product for these", stacklevel=2)
+            _noticed = True
+        return _dense_attention(module, query, key, value, attention_mask, scaling, dropout)
+    if value.n_coded == 0:  # nothing coded yet (a prefill): every value is exact
+        return _dense_attention(module, query, key, torch.cat([value.front, value.back], dim=2), attention_mask,
+                                scaling, dropout)
     B, Hq, T, d = query.shape
     H = key.shape[1]
     G = Hq // H
@@ -100,15 +109,18 @@ def csr_attention(module, query: torch.Tensor, key: torch.Tensor, value, attenti
         scores = scores + attention_mask[:, :, None, :, : key.shape[2]]
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
-    if isinstance(value, CodedValues):
-        out = value.aggregate(weights)
-    else:
-        if not _noticed:
-            warnings.warn(f"{CSR_ATTENTION!r} attention got dense values (not a CSRCache layer): computing the dense "
-                          f"product for these", stacklevel=2)
-            _noticed = True
-        out = weights @ value[:, :, None]
+    out = value.aggregate(weights)
     return out.reshape(B, Hq, T, -1).transpose(1, 2).contiguous(), weights.reshape(B, Hq, T, -1)
+
+
+def _dense_attention(module, query, key, value, attention_mask, scaling, dropout):
+    """Exact values (a prefill before anything is coded, or another cache): PyTorch's fused attention, which never
+    materialises the (T × S) weights — at an 8k prefill the eager product would hold gigabytes per layer."""
+    mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           dropout_p=dropout if module.training else 0.0,
+                                                           enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(CSR_ATTENTION, csr_attention)

