@@ -134,10 +134,8 @@ class CSRKVCache:
         new = copy.copy(self)
         new.stats, new.stores = dict(self.stats), {}
         for kind, store in self.stores.items():
-            codebook = copy.copy(store.codebook)
-            codebook._rows = {}
-            codebook.select_rows(range(len(codebook.extra or [])))  # fresh per-row lists
-            new.stores[kind] = replace(store, codebook=codebook, scale=None if store.scale is None else list(store.scale))
+            new.stores[kind] = replace(store, codebook=store.codebook.copy(),
+                                       scale=None if store.scale is None else list(store.scale))
         return new
 
     def empty(self) -> bool:

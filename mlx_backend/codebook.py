@@ -111,6 +111,13 @@ class Codebook:
             self.n_online = [self.n_online[r] for r in rows]
         self._rows.clear()
 
+    def copy(self) -> "Codebook":
+        """Shares the offline atoms and every array (immutable); its own per-row lists, an empty memo."""
+        new = Codebook.__new__(Codebook)
+        new.__dict__.update(self.__dict__, _rows={}, n_extra=list(self.n_extra), n_online=list(self.n_online),
+                            extra=None if self.extra is None else list(self.extra))
+        return new
+
     def reset(self) -> None:
         self.extra, self.n_extra, self.n_online = None, [], []
         self._rows.clear()
