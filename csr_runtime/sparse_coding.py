@@ -42,8 +42,14 @@ def _mp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quant
     """
     residual = x
     idx, coef = [], []
+    # In training only the chosen atoms' coefficients carry gradient: the (n, N) scores are built without
+    # autograd and each coefficient is recomputed as <R, D[i]>, so the backward pass is O(n·s·d), not O(n·N·d).
+    differentiable = torch.is_grad_enabled() and (x.requires_grad or dictionary.requires_grad)
     for _ in range(s):
-        i, c = _argmax_abs(residual @ dictionary.T)  # largest |<R, d>|: negatively correlated atoms count too
+        with torch.no_grad():
+            i, c = _argmax_abs(residual @ dictionary.T)  # largest |<R, d>|: negatively correlated atoms count too
+        if differentiable:
+            c = (residual * dictionary[i]).sum(-1)
         if quantize is not None:
             c = quantize(c)
         residual = residual - c[:, None] * dictionary[i]

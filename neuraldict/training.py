@@ -33,10 +33,14 @@ from neuraldict.kmeans import kmeans_dictionary
 
 
 def diversity_loss(dictionary: torch.Tensor) -> torch.Tensor:
-    """L_div = ‖I − W_Dᵀ W_D‖²_F / N² for atoms as rows: dictionary (N, d)."""
+    """L_div = ‖I − W_D W_Dᵀ‖²_F / N² for atoms as rows: dictionary (N, d).
+
+    Through the d × d Gram instead of the N × N one: ‖I − D Dᵀ‖²_F = N − 2‖D‖²_F + ‖Dᵀ D‖²_F (expand the
+    square; tr(D Dᵀ D Dᵀ) = tr(Dᵀ D Dᵀ D)). O(N d²) instead of O(N² d): 30× faster at N = 2048, d = 64.
+    """
     n = dictionary.shape[0]
-    gram = dictionary @ dictionary.T
-    return ((torch.eye(n, dtype=gram.dtype, device=gram.device) - gram) ** 2).sum() / n**2
+    d = dictionary.float() if dictionary.dtype in (torch.float16, torch.bfloat16) else dictionary
+    return (n - 2 * (d**2).sum() + ((d.T @ d) ** 2).sum()) / n**2
 
 
 def neuraldict_loss(x: torch.Tensor, dictionary: torch.Tensor, s: int, diversity_scale: float = 0.1):
