@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.masking_utils import eager_mask
+from transformers.masking_utils import sdpa_mask
 
 CSR_ATTENTION = "csr_codes"
 
@@ -105,8 +105,11 @@ def csr_attention(module, query: torch.Tensor, key: torch.Tensor, value, attenti
     H = key.shape[1]
     G = Hq // H
     scores = (query.view(B, H, G, T, d) @ key[:, :, None].transpose(-1, -2)) * scaling  # (B, H, G, T, S)
-    if attention_mask is not None:  # eager's additive mask (B, 1, T, S)
-        scores = scores + attention_mask[:, :, None, :, : key.shape[2]]
+    mask = _full_mask(attention_mask, T, key.shape[2], query.device)
+    if mask is not None and mask.dtype == torch.bool:  # SDPA's boolean mask (B, 1, T, S): True = attend
+        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+    elif mask is not None:  # an additive float mask (a caller's own 4-D mask)
+        scores = scores + mask[:, :, None]
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     out = value.aggregate(weights)
@@ -116,12 +119,25 @@ def csr_attention(module, query: torch.Tensor, key: torch.Tensor, value, attenti
 def _dense_attention(module, query, key, value, attention_mask, scaling, dropout):
     """Exact values (a prefill before anything is coded, or another cache): PyTorch's fused attention, which never
     materialises the (T × S) weights — at an 8k prefill the eager product would hold gigabytes per layer."""
-    mask = None if attention_mask is None else attention_mask[..., : key.shape[2]]
+    T, S = query.shape[2], key.shape[2]
+    is_causal = attention_mask is None and T > 1 and T == S  # the mask SDPA's own path would skip too
+    mask = None if is_causal else _full_mask(attention_mask, T, S, query.device)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           is_causal=is_causal,
                                                            dropout_p=dropout if module.training else 0.0,
                                                            enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
+def _full_mask(attention_mask: torch.Tensor | None, T: int, S: int, device) -> torch.Tensor | None:
+    """The call's 4-D mask cut to the S keys; where transformers skipped it (no padding), the causal mask it stands
+    for: queries are the last T of S positions (None for one query, which sees every key)."""
+    if attention_mask is not None:
+        return attention_mask[..., :S]
+    if T == 1:
+        return None
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None, None]
+
+
 AttentionInterface.register(CSR_ATTENTION, csr_attention)
-AttentionMaskInterface.register(CSR_ATTENTION, eager_mask)
+AttentionMaskInterface.register(CSR_ATTENTION, sdpa_mask)  # boolean, None where SDPA's would be skipped
