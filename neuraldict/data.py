@@ -36,7 +36,7 @@ class KVDataModule(L.LightningDataModule):
         delta2: float = 0.8,
         merge_bins: int = 50,
         merge_sample: int = 8192,
-        batch_size: int = 1024,
+        batch_size: int = 512,
         batches_per_epoch: int = 50,
         max_val_vectors: int = 4096,
         collect_device: str = "cpu",

@@ -54,3 +54,15 @@ def test_the_embedded_eval_config_names_the_default_cache():
     methods = yaml.safe_load(open("configs/eval.yaml"))["methods"]
     default = [m for m in methods if m["name"] == "CSR-3 (defaults)"]
     assert default and set(default[0]) == {"name", "type", "sparsity"}  # nothing but the sparsity: the defaults
+
+
+@pytest.mark.parametrize("section", ["model", "data"])
+def test_the_embedded_fit_config_equals_the_training_defaults(section):
+    """`lightning fit --config configs/llama.yaml` and the classes' own defaults train the same dictionary."""
+    from neuraldict.data import KVDataModule
+    from neuraldict.training import NeuralDict
+
+    cls = NeuralDict if section == "model" else KVDataModule
+    parameters = inspect.signature(cls.__init__).parameters
+    config = yaml.safe_load(open("configs/llama.yaml"))[section]
+    assert {k: v for k, v in config.items()} == {k: parameters[k].default for k in config}
