@@ -2,7 +2,7 @@
 
 For each context length: prefill the context with each cache, then decode `--steps` tokens one at a
 time; reports prefill seconds, decode tokens/s, the ratio to DynamicCache measured in the same run,
-and cache MB. Also the MP coding throughput on real KV (vectors/s). Prints a table and writes
+the prefill's ratio too, and cache MB. Also the MP coding throughput on real KV (vectors/s). Prints a table and writes
 benchmarks/results/decode_speed.{csv,md}.
 
     python benchmarks/decode_speed.py --dictionary runs/llama/neuraldict/version_0/dictionary.safetensors
@@ -77,8 +77,8 @@ def main(argv=None) -> None:
             time_decode(lm, ids[:, :64], make(), 2)  # warm-up
             prefill, tps, nbytes = time_decode(lm, ids, make(), args.steps)
             base = base or (prefill, tps)
-            rows.append({"context": context, "method": name, "prefill_s": prefill, "decode_tokens_per_s": tps,
-                         "decode_ratio_vs_dynamic": tps / base[1], "cache_MB": nbytes / 2**20})
+            rows.append({"context": context, "method": name, "prefill_s": prefill, "prefill_ratio_vs_dynamic": prefill / base[0],
+                         "decode_tokens_per_s": tps, "decode_ratio_vs_dynamic": tps / base[1], "cache_MB": nbytes / 2**20})
             print(rows[-1], flush=True)
     lm.set_attn_implementation("sdpa")
     # MP coding throughput on real keys of layer 15 (pre-RoPE), dictionary of the file + 128 extra atoms.
@@ -104,9 +104,11 @@ def write_report(rows, mp_rate, n_atoms, args) -> None:
         w.writerows(rows)
     lines = [f"Greedy decoding of {args.steps} tokens after a prefill of the context, batch 1, fp32, "
              f"{torch.get_num_threads()} CPU threads.", "",
-             "| context | method | prefill s | decode tokens/s | × DynamicCache | cache MB |", "|---|---|---|---|---|---|"]
+             "| context | method | prefill s | prefill × DynamicCache | decode tokens/s | decode × DynamicCache | cache MB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['context']} | {r['method']} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.2f} | "
+        lines.append(f"| {r['context']} | {r['method']} | {r['prefill_s']:.2f} | {r['prefill_ratio_vs_dynamic']:.2f} | "
+                     f"{r['decode_tokens_per_s']:.2f} | "
                      f"{r['decode_ratio_vs_dynamic']:.2f} | {r['cache_MB']:.2f} |")
     lines += ["", f"MP coding throughput (s = {args.sparsity}, N = {n_atoms}, d = 64, real layer-15 keys): "
                   f"{mp_rate:,.0f} vectors/s"]
