@@ -48,11 +48,12 @@ def _mp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quant
     for _ in range(s):
         with torch.no_grad():
             i, c = _argmax_abs(residual @ dictionary.T)  # largest |<R, d>|: negatively correlated atoms count too
+        atoms = dictionary[i]
         if differentiable:
-            c = (residual * dictionary[i]).sum(-1)
+            c = (residual * atoms).sum(-1)
         if quantize is not None:
             c = quantize(c)
-        residual = residual - c[:, None] * dictionary[i]
+        residual = residual - c[:, None] * atoms
         idx.append(i)
         coef.append(c)
     return torch.stack(idx, dim=-1), torch.stack(coef, dim=-1)

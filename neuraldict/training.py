@@ -39,8 +39,8 @@ def diversity_loss(dictionary: torch.Tensor) -> torch.Tensor:
     square; tr(D Dᵀ D Dᵀ) = tr(Dᵀ D Dᵀ D)). O(N d²) instead of O(N² d): 30× faster at N = 2048, d = 64.
     """
     n = dictionary.shape[0]
-    d = dictionary.float() if dictionary.dtype in (torch.float16, torch.bfloat16) else dictionary
-    return (n - 2 * (d**2).sum() + ((d.T @ d) ** 2).sum()) / n**2
+    atoms = dictionary.float() if dictionary.dtype in (torch.float16, torch.bfloat16) else dictionary  # ‖DᵀD‖² ~ N²/d overflows fp16
+    return (n - 2 * (atoms**2).sum() + ((atoms.T @ atoms) ** 2).sum()) / n**2
 
 
 def neuraldict_loss(x: torch.Tensor, dictionary: torch.Tensor, s: int, diversity_scale: float = 0.1):

@@ -65,4 +65,4 @@ def test_the_embedded_fit_config_equals_the_training_defaults(section):
     cls = NeuralDict if section == "model" else KVDataModule
     parameters = inspect.signature(cls.__init__).parameters
     config = yaml.safe_load(open("configs/llama.yaml"))[section]
-    assert {k: v for k, v in config.items()} == {k: parameters[k].default for k in config}
+    assert config == {k: parameters[k].default for k in config}
