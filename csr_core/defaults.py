@@ -1,13 +1,14 @@
 """The CSR cache's defaults, in one place for both runtimes (pure Python: `mlx_backend` imports it without torch).
 
-Chosen on the validation split (`configs/ablation-validation.yaml`, BENCHMARKS.md "Ablation"): 64 online
-and 64 guard atoms per layer and kind, the first 4 tokens exact (attention sinks), 5-bit e3m1 coefficients
-(`configs/ablation-coefficients.yaml`: at the same bits they buy more atoms than fp8)
-with indices at the bits the row dictionary needs.
+Chosen on the validation split (BENCHMARKS.md "Ablation"): no online or guard atoms (steps 10, 10b: with the
+N = 2048 dictionary their bits buy more as code atoms, at 1 and at 2 bits; the paper's online/guard design stays a
+setting, e.g. `guard_atoms=256, guard_threshold=0.1` where retrieval matters), the first 4 tokens exact
+(attention sinks), 5-bit e3m1 coefficients (`configs/ablation-coefficients.yaml`: at the same bits they buy more
+atoms than fp8) with indices at the bits the row dictionary needs.
 """
 
-ONLINE_ATOMS = 64  # per layer, kind and batch row: the prompt's own vectors (reverse sequential sampling)
-GUARD_ATOMS = 64  # per layer, kind and batch row: outliers stored as their own atom
+ONLINE_ATOMS = 0  # per layer, kind and batch row: the prompt's own vectors (reverse sequential sampling)
+GUARD_ATOMS = 0  # per layer, kind and batch row: outliers stored as their own atom
 GUARD_THRESHOLD = 0.3  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
 SINK_TOKENS = 4  # first tokens of each row kept exact
 WINDOW = 0  # newest tokens kept exact

@@ -174,9 +174,15 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
                 self.sink_values = torch.cat([self.sink_values, old_v[..., :to_sink, :]], dim=-2)
             if overflow > max(to_sink, 0):
                 self._code(old_k[..., max(to_sink, 0):, :], old_v[..., max(to_sink, 0):, :], build_online=self.n_coded == 0)
-        for store in self.stores.values():
-            store.codebook.forget_memo()  # hold nothing between steps that memory_bytes() does not count
+        self._forget_memos()
         return keys_out, values_out
+
+    def _forget_memos(self) -> None:
+        """Hold nothing between steps that memory_bytes() does not count (the last layer frees the shared cos/sin)."""
+        for store in self.stores.values():
+            store.codebook.forget_memo()
+        if self.last_layer:
+            self.rope_memo.clear()
 
     def crop(self, max_length: int) -> None:
         """Drop the newest tokens: `crop(-n)` removes n (transformers 5), `crop(L)` keeps the first L (4.x).
@@ -253,8 +259,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         """Code (B, H, T, d) post-RoPE keys and values of the next T coded slots and append their packed codes."""
         B, H, T, d = keys_rotated.shape
         first = self._sink_len() + self.n_coded  # sequence slot of the first vector coded here
-        cos, sin = rope_cos_sin(self.rotary_emb, self._positions(first, T), torch.float32)
-        keys = unrotate(keys_rotated.float(), cos, sin)
+        keys = unrotate(keys_rotated.float(), *self._cos_sin(first, T))
         real = torch.arange(first, first + T, device=self.device)[None] >= self.n_pad[:, None]  # (B, T)
         s = self.settings
         l = self.layer_idx
@@ -356,10 +361,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         x = sparse_decode(idx, coef, store.codebook.batch_table()).view(B, H, n, d)  # all rows in one gather
         if store.unwhiten is not None:
             x = whiten_heads(store.unwhiten, x)
-        if store.center is not None:
-            x = x + store.center[None, :, None, :]
+        # in place, into `out`: at 4k tokens every (B, H, n, d) temporary costs about as much as the gather
         if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
+            if store.center is not None:
+                x += store.center[None, :, None, :]
             rotate_into(out[:, :, S : S + n], x, *self._coded_cos_sin())
+        elif store.center is not None:
+            torch.add(x, store.center[None, :, None, :], out=out[:, :, S : S + n])
         else:
             out[:, :, S : S + n] = x
         return out
@@ -375,18 +383,21 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of every held token, as the next step's attention will read them."""
         empty = lambda t: t[..., :0, :]
-        return self._assemble("keys", self.keys, empty(self.keys)), self._assemble("values", self.values, empty(self.values))
+        out = self._assemble("keys", self.keys, empty(self.keys)), self._assemble("values", self.values, empty(self.values))
+        self.rope_memo.clear()
+        return out
 
     def _coded_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the coded positions; the first layer of a step computes them, the last one frees them."""
-        memo_key = (self._sink_len(), self.n_coded, tuple(self.n_pad.tolist()))
-        if self.rope_memo.get("key") != memo_key:
-            cos_sin = rope_cos_sin(self.rotary_emb, self._positions(self._sink_len(), self.n_coded), torch.float32)
-            self.rope_memo.update(key=memo_key, cos_sin=cos_sin)
-        cos_sin = self.rope_memo["cos_sin"]
-        if self.last_layer:
-            self.rope_memo.clear()
-        return cos_sin
+        """cos/sin of the coded positions."""
+        return self._cos_sin(self._sink_len(), self.n_coded)
+
+    def _cos_sin(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, length, d_h) of sequence slots start..start+length-1: the same in every layer, so the first
+        layer of a step computes them and the others reuse them (`_forget_memos` frees them after the last)."""
+        memo_key = (start, length, tuple(self.n_pad.tolist()))
+        if memo_key not in self.rope_memo:
+            self.rope_memo[memo_key] = rope_cos_sin(self.rotary_emb, self._positions(start, length), torch.float32)
+        return self.rope_memo[memo_key]
 
     # -- accounting -------------------------------------------------------------------------------
     def held_tensors(self, include_offline: bool = False) -> list[torch.Tensor]:

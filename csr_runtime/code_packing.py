@@ -40,29 +40,42 @@ __all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "
 
 _E3M1_TABLE = torch.tensor(E3M1_MAGNITUDES, dtype=torch.float32)
 _E3M1_MIDPOINTS = (_E3M1_TABLE[1:] + _E3M1_TABLE[:-1]) / 2
+_E3M1_SIGNED = torch.cat([_E3M1_TABLE, -_E3M1_TABLE])  # value of every 5-bit code: sign in bit 4
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
+
+
+def _e3m1_magnitudes(coef: torch.Tensor, scale) -> torch.Tensor:
+    """int64 index of the nearest e3m1 magnitude of |coef / scale| (the count of midpoints below it)."""
+    return torch.bucketize((coef.float() / scale).abs().contiguous(), _on(_E3M1_MIDPOINTS, coef.device))
 
 
 def e3m1_codes(coef: torch.Tensor, scale: float) -> torch.Tensor:
     """coef → int32 5-bit codes: sign in bit 4, the nearest of the 16 magnitudes of coef / scale in bits 0–3."""
-    a = (coef.float() / scale).abs()
-    magnitude = (a[..., None] > _E3M1_MIDPOINTS.to(a.device)).sum(-1, dtype=torch.int32)
-    return magnitude | (((coef < 0) & (magnitude > 0)).int() << 4)
+    magnitude = _e3m1_magnitudes(coef, scale)
+    return torch.where((coef < 0) & (magnitude > 0), magnitude + 16, magnitude).to(torch.int32)
 
 
 def e3m1_values(codes: torch.Tensor, scale: float) -> torch.Tensor:
-    """The inverse of `e3m1_codes`: 5-bit codes → float32 coefficients."""
-    magnitude = _E3M1_TABLE.to(codes.device)[(codes & 15).long()]
-    return torch.where((codes >> 4) & 1 == 1, -magnitude, magnitude) * scale
+    """The inverse of `e3m1_codes`: 5-bit codes → float32 coefficients (one table lookup)."""
+    return _on(_E3M1_SIGNED, codes.device)[codes.long()] * scale
+
+
+def e3m1_round(coef: torch.Tensor, scale: float) -> torch.Tensor:
+    """`e3m1_values(e3m1_codes(coef, scale), scale)` in fewer operations: MP calls it once per atom."""
+    return (_on(_E3M1_TABLE, coef.device)[_e3m1_magnitudes(coef, scale)] * scale).copysign(coef.float())
+
 
 def pack_fields(values: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
     """values: (n, F) integers in [0, 2^width) per field → (n, index_bytes) uint8 little-endian bit stream.
 
     A field of ≤ 16 bits starting at bit r of byte o spans bytes o..o+2; the fields' bits never
     overlap, so adding their byte contributions is the same as OR-ing them."""
-    byte, shift = layout.field_offsets()
     n, F = values.shape
-    byte_t = torch.tensor(byte, device=values.device)
-    shifted = values.to(torch.int32) << torch.tensor(shift, dtype=torch.int32, device=values.device)
+    byte_t, shift_t, _ = _field_tensors(layout, values.device)
+    shifted = values.to(torch.int32) << shift_t
     out = torch.zeros(n, layout.index_bytes + 2, dtype=torch.int32, device=values.device)
     for j in range(3):
         out.scatter_add_(1, (byte_t + j).expand(n, F), (shifted >> (8 * j)) & 0xFF)
@@ -77,12 +90,22 @@ def unpack_fields(packed: torch.Tensor, layout: CodeLayout) -> torch.Tensor:
     than gathering byte columns; bytes past a field's span only add bits above its width, which the
     mask drops."""
     word = (packed.float() @ _byte_selection(layout, packed.device)).to(torch.int32)
-    shift = torch.tensor(layout.field_offsets()[1], dtype=torch.int32, device=packed.device)
-    masks = torch.tensor([(1 << w) - 1 for w in layout.widths], dtype=torch.int32, device=packed.device)
+    _, shift, masks = _field_tensors(layout, packed.device)
     return (word >> shift) & masks
 
 
 _SELECTIONS: dict = {}
+_FIELDS: dict = {}
+
+
+def _field_tensors(layout: CodeLayout, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per field of the bit stream: byte offset (int64), bit shift and width mask (int32), made once per layout."""
+    key = (layout, str(device))
+    if key not in _FIELDS:
+        byte, shift = layout.field_offsets()
+        _FIELDS[key] = (torch.tensor(byte, device=device), torch.tensor(shift, dtype=torch.int32, device=device),
+                        torch.tensor([(1 << w) - 1 for w in layout.widths], dtype=torch.int32, device=device))
+    return _FIELDS[key]
 
 
 def _byte_selection(layout: CodeLayout, device) -> torch.Tensor:
@@ -108,7 +131,7 @@ def quantize_coefficients(coef: torch.Tensor, coef_format: CoefFormat, scale: fl
         q = (coef / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return q.float() * scale
     if coef_format == "e3m1":
-        return e3m1_values(e3m1_codes(coef, scale), scale)
+        return e3m1_round(coef, scale)
     raise ValueError(f"coefficients in {coef_format!r} are quantised per vector after coding, not one by one")
 
 

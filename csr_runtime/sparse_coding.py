@@ -21,11 +21,18 @@ Method = Literal["mp", "omp"]
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # coefficients → the values they are stored as
 
 
+_FEW_SCORES = 1 << 16  # up to this many scores, |scores| is materialised (fewer operations, same argmax)
+
+
 def _argmax_abs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the column of largest |score| and its (signed) score: (n, N) → (n,), (n,).
 
     From argmax and argmin: two read-only passes over the scores instead of materialising |scores|,
-    which dominates the time of MP and OMP on CPU."""
+    which dominates the time of MP and OMP on CPU. A few rows (a decode step) are bound by the number of
+    operations instead, so they take |scores| in three."""
+    if scores.numel() <= _FEW_SCORES:
+        i = scores.abs().argmax(dim=-1)
+        return i, scores.gather(-1, i[:, None]).squeeze(-1)
     hi, lo = scores.argmax(dim=-1), scores.argmin(dim=-1)
     c_hi, c_lo = scores.gather(-1, hi[:, None]).squeeze(-1), scores.gather(-1, lo[:, None]).squeeze(-1)
     take_lo = c_lo.abs() > c_hi.abs()
