@@ -63,6 +63,8 @@ def main(argv=None) -> None:
         f"CSR-{args.sparsity}, paper layout (int16 + fp16)": (lambda: CSRCache(
             lm, args.dictionary, sparsity=args.sparsity, index_bits=16, coef_format="fp16", sink_tokens=0), "sdpa"),
         f"CSR-{args.sparsity}, packed (defaults)": (lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), "sdpa"),
+        f"CSR-{args.sparsity}, packed, every token coded at once (coding_batch=1)": (
+            lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, coding_batch=1), "sdpa"),
         f"CSR-{args.sparsity}, packed, values as codes": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), CSR_ATTENTION),
     }

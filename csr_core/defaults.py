@@ -12,6 +12,7 @@ GUARD_ATOMS = 0  # per layer, kind and batch row: outliers stored as their own a
 GUARD_THRESHOLD = 0.3  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
 SINK_TOKENS = 4  # first tokens of each row kept exact
 WINDOW = 0  # newest tokens kept exact
+CODING_BATCH = 8  # new tokens are coded once this many have gathered (exact, and counted, until then)
 COEF_FORMAT = "e3m1"  # "e3m1" (5 bits) | "fp8" (E4M3) | "int8" | "fp16"
 INDEX_BITS = None  # None: ⌈log2(offline + online + guard atoms)⌉; 16 with "fp16" is the paper's layout
 KEY_WEIGHT = 1.0  # allocation: exchange rate of key error against value error (csr_core/allocation.py)

@@ -12,7 +12,7 @@ METHODS = ("mp", "omp")
 SAMPLINGS = ("reverse", "uniform")
 SPARSITY_OPTIONS = ("sparsity", "sparsity_keys", "sparsity_values", "code_bits_per_channel")
 DEFAULTS = {"key_weight": defaults.KEY_WEIGHT, "online_atoms": defaults.ONLINE_ATOMS, "guard_atoms": defaults.GUARD_ATOMS,
-            "guard_threshold": defaults.GUARD_THRESHOLD, "window": defaults.WINDOW, "sink_tokens": defaults.SINK_TOKENS,
+            "guard_threshold": defaults.GUARD_THRESHOLD, "window": defaults.WINDOW, "coding_batch": defaults.CODING_BATCH, "sink_tokens": defaults.SINK_TOKENS,
             "coef_format": defaults.COEF_FORMAT}
 
 
@@ -36,7 +36,7 @@ def _count(name: str, value) -> None:
 
 
 def check_cache_options(*, method: str, online_atoms: int, online_sampling: str, guard_atoms: int,
-                        guard_threshold: float, window: int, sink_tokens: int, index_bits: int | None,
+                        guard_threshold: float, window: int, coding_batch: int, sink_tokens: int, index_bits: int | None,
                         coef_format: str, code_bits_per_channel: float | None) -> None:
     """ValueError naming the first option out of range."""
     if method not in METHODS:
@@ -48,6 +48,8 @@ def check_cache_options(*, method: str, online_atoms: int, online_sampling: str,
     for name, value in (("window", window), ("sink_tokens", sink_tokens), ("online_atoms", online_atoms),
                         ("guard_atoms", guard_atoms)):
         _count(name, value)
+    if isinstance(coding_batch, bool) or not isinstance(coding_batch, int) or coding_batch < 1:
+        raise ValueError(f"coding_batch must be an int >= 1 (1: every new token is coded at once), got {coding_batch!r}")
     if isinstance(guard_threshold, bool) or not isinstance(guard_threshold, (int, float)) or not guard_threshold > 0:
         raise ValueError(f"guard_threshold is a relative squared residual in (0, 1]: vectors coded worse become guard "
                          f"atoms; got {guard_threshold!r} (to disable guard atoms, set guard_atoms=0)")

@@ -18,7 +18,11 @@ vectors whose relative MP residual stays above `guard_threshold`, stored as thei
 reproduced almost exactly (prefill and decode alike).
 
 The first `sink_tokens` tokens (attention sinks, as in StreamingLLM) and the newest `window` tokens
-can be kept in full precision. Left padding is recognised from `position_ids` (a row's real tokens
+can be kept in full precision. Tokens past the window are coded once `coding_batch` of them have gathered
+(a prefill or chunk at once; in token-by-token decoding every 8th step by default): coding one vector costs
+about as much as coding eight, since a decode step's few vectors leave matching pursuit bound by the count
+of tensor operations. Until then they are held exact and counted like the window; every vector gets the code
+it would have got alone (MP codes each vector on its own). Left padding is recognised from `position_ids` (a row's real tokens
 start at its last position 0): padding never becomes an online or guard atom. Every tensor the cache
 holds is counted by `memory_bytes()`.
 
@@ -67,6 +71,7 @@ class CSRSettings:
     guard_atoms: int = defaults.GUARD_ATOMS
     guard_threshold: float = defaults.GUARD_THRESHOLD  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
     window: int = defaults.WINDOW  # newest tokens kept in full precision
+    coding_batch: int = defaults.CODING_BATCH  # tokens past the window are coded once this many have gathered
     sink_tokens: int = defaults.SINK_TOKENS  # first tokens of each row kept in full precision (attention sinks)
     index_bits: int | None = defaults.INDEX_BITS  # None: ⌈log2(atoms a row can address)⌉; 16 with fp16 is the paper's layout
     coef_format: CoefFormat = defaults.COEF_FORMAT
@@ -164,7 +169,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         if as_codes:  # the window now ends with the new values; the codes are read before this call's are added
             values_out = self._coded_values()
         overflow = self.keys.shape[-2] - self.settings.window
-        if overflow > 0:
+        if overflow >= self.settings.coding_batch:  # fewer wait, exact: coding one token costs as much as eight
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
             # clone: a slice would keep the whole older tensor alive, uncounted by memory_bytes()
             self.keys, self.values = self.keys[..., overflow:, :].clone(), self.values[..., overflow:, :].clone()
@@ -461,6 +466,7 @@ class CSRCache(Cache):
         guard_atoms: int | None = None,
         guard_threshold: float | None = None,
         window: int | None = None,
+        coding_batch: int | None = None,
         sink_tokens: int | None = None,
         index_bits: int | None = defaults.INDEX_BITS,
         coef_format: CoefFormat | None = None,
@@ -480,7 +486,7 @@ class CSRCache(Cache):
                            sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
                            code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, online_atoms=online_atoms,
                            guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
-                           sink_tokens=sink_tokens, coef_format=coef_format)
+                           coding_batch=coding_batch, sink_tokens=sink_tokens, coef_format=coef_format)
         self.settings = CSRSettings(sparsity_keys=o["sparsity_keys"], sparsity_values=o["sparsity_values"],
                                     s_n_values=s_n_v, **{k: o[k] for k in SETTING_FIELDS})
         self.fingerprint = fingerprint

@@ -6,7 +6,8 @@ Keys arrive rotated; they are un-rotated with the model's RoPE, coded before RoP
 token in the layout of `csr_core.code_layout` (the same bytes as the torch runtime), and rotated
 again when read. The first `sink_tokens` tokens stay exact. Per layer, kind and row the dictionary is a
 `Codebook` (`codebook.py`): offline (file) + online (the prompt's own vectors) + guard (vectors whose
-relative residual stays above a threshold); the newest `window` tokens stay in full precision. The
+relative residual stays above a threshold); the newest `window` tokens stay in full precision, and
+tokens past it wait exact until `coding_batch` of them can be coded together (as in the torch runtime). The
 call's own new K/V reach the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
 Sequences of different lengths batch through mlx-lm's own protocol (`merge` → `batch_rows.BatchCSRKVCache`:
 `batch_generate`, the server's batching). Prompt caches are saved and loaded with `mlx_backend.prompt_cache`
@@ -45,6 +46,7 @@ class CSRSettings:
     guard_atoms: int = defaults.GUARD_ATOMS
     guard_threshold: float = defaults.GUARD_THRESHOLD
     window: int = defaults.WINDOW
+    coding_batch: int = defaults.CODING_BATCH  # tokens past the window are coded once this many have gathered
     sink_tokens: int = defaults.SINK_TOKENS  # first tokens kept in full precision (attention sinks)
     index_bits: int | None = defaults.INDEX_BITS  # None: ⌈log2(atoms a row can address)⌉
     coef_format: str = defaults.COEF_FORMAT
@@ -105,7 +107,7 @@ class CSRKVCache:
         self.values = mx.concatenate([self.values, values], axis=2)
         self.offset += keys.shape[2]
         overflow = self.keys.shape[2] - self.settings.window
-        if overflow > 0:
+        if overflow >= self.settings.coding_batch:  # fewer wait, exact (as the torch runtime)
             old_k, old_v = self.keys[:, :, :overflow], self.values[:, :, :overflow]
             # a copy: a slice may keep the whole older array alive, uncounted by nbytes
             self.keys, self.values = mx.contiguous(self.keys[:, :, overflow:]), mx.contiguous(self.values[:, :, overflow:])
@@ -331,6 +333,7 @@ def make_csr_cache(
     guard_atoms: int | None = None,
     guard_threshold: float | None = None,
     window: int | None = None,
+    coding_batch: int | None = None,
     sink_tokens: int | None = None,
     index_bits: int | None = defaults.INDEX_BITS,
     coef_format: str | None = None,
@@ -346,7 +349,7 @@ def make_csr_cache(
                        sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
                        code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, online_atoms=online_atoms,
                        guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
-                       sink_tokens=sink_tokens, coef_format=coef_format)
+                       coding_batch=coding_batch, sink_tokens=sink_tokens, coef_format=coef_format)
     settings = CSRSettings(sparsity_keys=o["sparsity_keys"], sparsity_values=o["sparsity_values"],
                            s_n_values=dictionary.values.s_n, **{k: o[k] for k in SETTING_FIELDS})
     kinds = (("keys", dictionary.keys), ("values", dictionary.values))

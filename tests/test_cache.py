@@ -44,7 +44,7 @@ def test_complete_orthonormal_dictionary_reproduces_dynamic_cache(window, sinks,
     lm = tiny_llama(n_layers=2, heads=4, kv_heads=2)  # GQA
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     cache = CSRCache(lm, complete_dictionary(lm), online_atoms=0, guard_atoms=0, window=window, sink_tokens=sinks,
-                     **layout)
+                     coding_batch=1, **layout)
     reference = DynamicCache()
     with torch.no_grad():
         for part in (ids[:, :12], ids[:, 12:20], ids[:, 20:21], ids[:, 21:]):  # prefill, a chunk, single steps
@@ -52,6 +52,40 @@ def test_complete_orthonormal_dictionary_reproduces_dynamic_cache(window, sinks,
             got = lm(part, past_key_values=cache).logits
             torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)  # fp16 coefficients
     assert cache.get_seq_length() == 24 and cache.layers[0].n_coded == 24 - window - sinks
+
+
+@pytest.mark.parametrize("window,sinks", [(0, 0), (2, 3)])
+def test_new_tokens_wait_exact_for_a_coding_batch_then_get_the_codes_they_would_have_had(window, sinks):
+    lm = tiny_llama(n_layers=2, kv_heads=2)
+    ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(5))
+    dictionary = random_dictionary(lm)
+    batched = CSRCache(lm, dictionary, sparsity=2, window=window, sink_tokens=sinks, coding_batch=8)
+    at_once = CSRCache(lm, dictionary, sparsity=2, window=window, sink_tokens=sinks, coding_batch=1)
+    exact = CSRCache(lm, complete_dictionary(lm), window=window, sink_tokens=sinks, coding_batch=8, **PACKED_FP16)
+    reference = DynamicCache()
+    with torch.no_grad():
+        prefix = lm(ids[:, :12], past_key_values=reference).logits
+        torch.testing.assert_close(lm(ids[:, :12], past_key_values=exact).logits, prefix, atol=2e-3, rtol=0)
+        for cache in (batched, at_once):
+            lm(ids[:, :12], past_key_values=cache)  # a prefill of >= 8 new tokens is coded whole
+        layer = batched.layers[0]
+        assert layer.n_coded == at_once.layers[0].n_coded == 12 - window - sinks
+        for t in range(12, 30):
+            # the same K/V reach both caches' layers: feed both the keys and values of one (exact) forward pass
+            step = ids[:, t : t + 1]
+            expected = lm(step, past_key_values=reference).logits
+            torch.testing.assert_close(lm(step, past_key_values=exact).logits, expected, atol=2e-3, rtol=0)
+            waiting = (t + 1 - 12) % 8  # tokens past the window not coded yet
+            k, v = reference.layers[0].keys[..., t : t + 1, :], reference.layers[0].values[..., t : t + 1, :]
+            positions = {"position_ids": torch.full((2, 1), t)}
+            layer.update(k, v, **positions)
+            at_once.layers[0].update(k, v, **positions)
+            assert layer.n_coded == 12 - window - sinks + (t + 1 - 12 - waiting)
+            assert layer.keys.shape[-2] == window + waiting  # exact until the batch is full, and counted
+            assert sum(x.nbytes for x in layer.held_tensors()) >= layer.keys.nbytes + layer.values.nbytes
+    n = layer.n_coded
+    for kind in ("keys", "values"):  # per-vector MP: the batch gets exactly the codes it would have had one by one
+        assert torch.equal(layer.stores[kind].codes, at_once.layers[0].stores[kind].codes[:, :n])
 
 
 def test_generate_with_csr_cache_matches_dynamic_cache_when_exact():
@@ -223,7 +257,7 @@ def test_generate_with_csr_cache_on_real_smollm2(smollm2, smollm2_kmeans_diction
               "Madrid is the capital of Spain. The capital of France is")
     ids = tokenizer(prompt, return_tensors="pt")
     cache = CSRCache(lm, smollm2_kmeans_dictionary, sparsity=8, online_atoms=0, guard_atoms=0,  # offline atoms only
-                     sink_tokens=0, **PAPER_LAYOUT)
+                     sink_tokens=0, coding_batch=1, **PAPER_LAYOUT)
     out = lm.generate(**ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert cache.layers[0].n_coded == ids["input_ids"].shape[1] + 3  # every token but the last is held as codes

@@ -21,6 +21,7 @@ BAD = [
     (dict(online_atoms=-1), "online_atoms must be an int >= 0"),
     (dict(guard_atoms=-3), "guard_atoms must be an int >= 0"),
     (dict(window=-1), "window must be an int >= 0"),
+    (dict(coding_batch=0), "coding_batch must be an int >= 1"),
     (dict(sink_tokens=2.5), "sink_tokens must be an int >= 0"),
     (dict(guard_threshold=-1), "guard_threshold is a relative squared residual"),
     (dict(guard_threshold=0), "guard_threshold is a relative squared residual"),

@@ -185,6 +185,23 @@ def test_trim_matches_kvcache(remove):
     np.testing.assert_allclose(np.array(model(tail, cache=csr)), np.array(model(tail, cache=plain)), atol=2e-3)
 
 
+def test_new_tokens_wait_exact_for_a_coding_batch_as_in_the_torch_runtime():
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = tiny_mlx_llama()
+    csr = make_csr_cache(model, complete_dictionary(model), coding_batch=8, sink_tokens=0, coef_format="fp16")
+    plain = make_prompt_cache(model)
+    ids = mx.array(np.random.default_rng(2).integers(0, 128, (1, 24)))
+    model(ids[:, :12], cache=csr)
+    model(ids[:, :12], cache=plain)
+    assert csr[0].n_coded == 12  # a prefill of >= 8 new tokens is coded whole
+    for t in range(12, 24):
+        step = ids[:, t : t + 1]
+        np.testing.assert_allclose(np.array(model(step, cache=csr)), np.array(model(step, cache=plain)), atol=2e-3)
+        waiting = (t + 1 - 12) % 8
+        assert csr[0].n_coded == t + 1 - waiting and csr[0].keys.shape[2] == waiting, t
+
+
 @pytest.mark.parametrize("coef_format", ["fp16", "fp8", "int8", "e3m1"])
 def test_packed_codes_are_the_same_bytes_in_both_runtimes(coef_format):
     from csr_runtime import code_packing as tp
