@@ -351,31 +351,25 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     # -- decoding ---------------------------------------------------------------------------------
     def _assemble(self, kind: str, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """(B, H, sinks + n_coded + window + T, d): the sinks, the decoded past (keys rotated again), the
-        window, the new tokens. Written into one preallocated tensor: no concatenation per step."""
+        window, the new tokens, in the dtype of the new tokens."""
+        sinks = self.sink_keys if kind == "keys" else self.sink_values
         B, H, T, d = new.shape
-        S, n, W = self._sink_len(), self.n_coded, window.shape[-2]
-        out = new.new_empty(B, H, S + n + W + T, d)
-        out[..., :S, :] = self.sink_keys if kind == "keys" else self.sink_values
-        out[..., S + n : S + n + W, :] = window
-        out[..., S + n + W :, :] = new
+        n = self.n_coded
         if n == 0:
-            return out
+            return torch.cat([sinks, window, new], dim=-2)
         store = self.stores[kind]
         s_n = 1 if kind == "keys" else self.settings.s_n_values
         idx, coef = self._unpacked(store, H, s_n)
         x = sparse_decode(idx, coef, store.codebook.batch_table()).view(B, H, n, d)  # all rows in one gather
         if store.unwhiten is not None:
             x = whiten_heads(store.unwhiten, x)
-        # in place, into `out`: at 4k tokens every (B, H, n, d) temporary costs about as much as the gather
+        # In place where possible, then one concatenation: at 4k tokens a (B, H, n, d) pass costs about as much as
+        # the gather, and writing into a slice of a fresh tensor is several times slower than into a whole one (CPU).
+        if store.center is not None:
+            x += store.center[None, :, None, :]
         if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
-            if store.center is not None:
-                x += store.center[None, :, None, :]
-            rotate_into(out[:, :, S : S + n], x, *self._coded_cos_sin())
-        elif store.center is not None:
-            torch.add(x, store.center[None, :, None, :], out=out[:, :, S : S + n])
-        else:
-            out[:, :, S : S + n] = x
-        return out
+            x = rotate_into(torch.empty_like(x), x, *self._coded_cos_sin())
+        return torch.cat([sinks, x.to(new.dtype), window, new], dim=-2)
 
     def _coded_values(self) -> CodedValues:
         """The values as `csr_runtime.attention` aggregates them: exact sinks, the codes, the exact window (which
