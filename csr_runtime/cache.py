@@ -107,14 +107,14 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     is_croppable = True
 
     def __init__(self, layer_idx: int, key_atoms: torch.Tensor, value_atoms: torch.Tensor, rotary_emb, settings: CSRSettings,
-                 rope_memo: dict | None = None, last_layer: bool = True, whitening: dict | None = None,
+                 step_memo: dict | None = None, last_layer: bool = True, whitening: dict | None = None,
                  centers: dict | None = None, config=None):
         super().__init__()
         self.config = config  # the model's: with attention "csr_codes", values go to the attention as codes
         self.layer_idx = layer_idx
-        # cos/sin of the coded positions are the same for every layer: the first layer of a step computes
-        # them, the others reuse them, the last layer frees them (nothing is held between steps)
-        self.rope_memo = {} if rope_memo is None else rope_memo
+        # shared by the layers of a step: cos/sin of the coded positions (the same for every layer: the first layer
+        # of a step computes them) and the step buffers; the last layer frees them (nothing is held between steps)
+        self.step_memo = {} if step_memo is None else step_memo
         self.last_layer = last_layer
         self.settings = settings
         self.rotary_emb = rotary_emb
@@ -187,7 +187,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         for store in self.stores.values():
             store.codebook.forget_memo()
         if self.last_layer:
-            self.rope_memo.clear()
+            self.step_memo.clear()
 
     def crop(self, max_length: int) -> None:
         """Drop the newest tokens: `crop(-n)` removes n (transformers 5), `crop(L)` keeps the first L (4.x).
@@ -216,7 +216,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         for store in self.stores.values():
             store.codebook.reset()
             store.layout, store.scale, store.codes = None, None, None
-        self.rope_memo.clear()
+        self.step_memo.clear()
         self.stats = dict.fromkeys(self.stats, 0)
         self.is_initialized = False
 
@@ -229,7 +229,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             if store.codes is not None:
                 store.codes, store.scale = pick(store.codes), pick(store.scale)
             store.codebook.select_rows(rows)
-        self.rope_memo.clear()
+        self.step_memo.clear()
 
     def get_seq_length(self) -> int:
         return 0 if not self.is_initialized else self._sink_len() + self.n_coded + self.keys.shape[-2]
@@ -363,13 +363,23 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         x = sparse_decode(idx, coef, store.codebook.batch_table()).view(B, H, n, d)  # all rows in one gather
         if store.unwhiten is not None:
             x = whiten_heads(store.unwhiten, x)
-        # In place where possible, then one concatenation: at 4k tokens a (B, H, n, d) pass costs about as much as
-        # the gather, and writing into a slice of a fresh tensor is several times slower than into a whole one (CPU).
+        # In place where possible, then one concatenation into a buffer the layers of a step share: at 4k tokens
+        # one (B, H, n, d) pass costs about as much as the gather, and the first writes into freshly allocated
+        # memory several times more than into memory written before (CPU).
         if store.center is not None:
             x += store.center[None, :, None, :]
         if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
-            x = rotate_into(torch.empty_like(x), x, *self._coded_cos_sin())
-        return torch.cat([sinks, x.to(new.dtype), window, new], dim=-2)
+            x = rotate_into(self._step_buffer("rotated", x.shape, x.dtype), x, *self._coded_cos_sin())
+        out = self._step_buffer(kind, (B, H, sinks.shape[-2] + n + window.shape[-2] + T, d), new.dtype)
+        return torch.cat([sinks, x.to(new.dtype), window, new], dim=-2, out=out)
+
+    def _step_buffer(self, name: str, shape, dtype) -> torch.Tensor:
+        """A tensor every layer of a step may use for `name` in turn: what `update` returns is read by the layer's
+        attention before the next layer's update writes it again. The last layer frees it (`_forget_memos`)."""
+        buffer = self.step_memo.get(("buffer", name))
+        if buffer is None or buffer.shape != torch.Size(shape) or buffer.dtype != dtype or buffer.device != self.device:
+            buffer = self.step_memo[("buffer", name)] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buffer
 
     def _coded_values(self) -> CodedValues:
         """The values as `csr_runtime.attention` aggregates them: exact sinks, the codes, the exact window (which
@@ -382,9 +392,11 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
     def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of every held token, as the next step's attention will read them."""
         empty = lambda t: t[..., :0, :]
-        out = self._assemble("keys", self.keys, empty(self.keys)), self._assemble("values", self.values, empty(self.values))
-        self.rope_memo.clear()
-        return out
+        keys = self._assemble("keys", self.keys, empty(self.keys))
+        self.step_memo.clear()  # the step buffers are the caller's now
+        values = self._assemble("values", self.values, empty(self.values))
+        self.step_memo.clear()
+        return keys, values
 
     def _coded_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of the coded positions."""
@@ -394,9 +406,9 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         """cos/sin (B, length, d_h) of sequence slots start..start+length-1: the same in every layer, so the first
         layer of a step computes them and the others reuse them (`_forget_memos` frees them after the last)."""
         memo_key = (start, length, tuple(self.n_pad.tolist()))
-        if memo_key not in self.rope_memo:
-            self.rope_memo[memo_key] = rope_cos_sin(self.rotary_emb, self._positions(start, length), torch.float32)
-        return self.rope_memo[memo_key]
+        if memo_key not in self.step_memo:
+            self.step_memo[memo_key] = rope_cos_sin(self.rotary_emb, self._positions(start, length), torch.float32)
+        return self.step_memo[memo_key]
 
     # -- accounting -------------------------------------------------------------------------------
     def held_tensors(self, include_offline: bool = False) -> list[torch.Tensor]:
@@ -488,14 +500,14 @@ class CSRCache(Cache):
         if not coded or not set(coded) <= set(range(fingerprint.n_layers)):
             raise ValueError(f"coded_layers must be a non-empty subset of 0..{fingerprint.n_layers - 1}, got {coded_layers}")
         offline = {kind: [torch.from_numpy(a) for a in dictionary.kind(kind).atoms] for kind in ("keys", "values")}
-        rope_memo: dict = {}
+        step_memo: dict = {}
         kinds = (("keys", dictionary.keys), ("values", dictionary.values))
         whitening = lambda l: {kind: (torch.from_numpy(d.whiten[l]), torch.from_numpy(d.unwhiten[l]))
                                for kind, d in kinds if d.whiten is not None}
         centers = lambda l: {kind: torch.from_numpy(d.center[l]) for kind, d in kinds if d.center is not None}
         layers = [
             CSRLayer(l, offline["keys"][dictionary.keys.layer_to_group[l]], offline["values"][dictionary.values.layer_to_group[l]],
-                     model.model.rotary_emb, self.settings, rope_memo, last_layer=l == coded[-1], whitening=whitening(l),
+                     model.model.rotary_emb, self.settings, step_memo, last_layer=l == coded[-1], whitening=whitening(l),
                      centers=centers(l), config=model.config)
             if l in coded else DynamicLayer()  # a layer left out of coded_layers keeps its KV in full precision
             for l in range(fingerprint.n_layers)
