@@ -295,7 +295,9 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         """Every row's codes, unpacked in one call → idx, coef: (B, H, n, s_n, k); idx points into
         `codebook.batch_table()`, or with `row_local` into each row's own atoms (offline, then its extras)."""
         B, n = store.codes.shape[:2]
-        idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=store.token_scales(n))  # (B·n, H·s_n, k)
+        # one scale for every row (always at batch 1): folded into e3m1's table instead of a pass over the codes
+        scale = float(store.scale[0]) if bool((store.scale == store.scale[0]).all()) else store.token_scales(n)
+        idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=scale)  # (B·n, H·s_n, k)
         shape = (B, n, H, s_n, store.layout.k)
         idx = idx.view(shape) if row_local else store.codebook.batch_index(idx.view(shape))
         return idx.transpose(1, 2), coef.view(shape).transpose(1, 2)

@@ -58,9 +58,13 @@ def e3m1_codes(coef: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.where((coef < 0) & (magnitude > 0), magnitude + 16, magnitude).to(torch.int32)
 
 
-def e3m1_values(codes: torch.Tensor, scale: float) -> torch.Tensor:
-    """The inverse of `e3m1_codes`: 5-bit codes → float32 coefficients (one table lookup)."""
-    return _on(_E3M1_SIGNED, codes.device)[codes.long()] * scale
+def e3m1_values(codes: torch.Tensor, scale) -> torch.Tensor:
+    """The inverse of `e3m1_codes`: 5-bit codes → float32 coefficients (one table lookup; a float scale is folded
+    into the 32-entry table, a tensor one multiplies the result)."""
+    table = _on(_E3M1_SIGNED, codes.device)
+    if not isinstance(scale, torch.Tensor):
+        return torch.index_select(table * scale, 0, codes.flatten()).view(codes.shape)
+    return torch.index_select(table, 0, codes.flatten()).view(codes.shape) * scale
 
 
 def e3m1_round(coef: torch.Tensor, scale: float) -> torch.Tensor:

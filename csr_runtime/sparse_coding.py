@@ -157,8 +157,9 @@ def sparse_decode(idx: torch.Tensor, coef: torch.Tensor, dictionary: torch.Tenso
     atoms and reducing them, and differentiable in coef and dictionary.
     """
     s = idx.shape[-1]
+    idx = idx if idx.dtype in (torch.int32, torch.int64) else idx.long()  # embedding_bag takes both
     out = torch.nn.functional.embedding_bag(
-        idx.reshape(-1, s).long(), dictionary, per_sample_weights=coef.reshape(-1, s).to(dictionary.dtype), mode="sum"
+        idx.reshape(-1, s), dictionary, per_sample_weights=coef.reshape(-1, s).to(dictionary.dtype), mode="sum"
     )
     return out.view(*idx.shape[:-1], dictionary.shape[-1])
 
