@@ -251,6 +251,10 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
 
     def _check_positions(self, positions: torch.Tensor) -> None:
         start = self.get_seq_length()
+        memo_key = ("positions checked", start, positions.data_ptr(), tuple(positions.shape))
+        if memo_key in self.step_memo:  # every layer of a step gets the same position_ids: one check per step
+            return
+        self.step_memo[memo_key] = True
         expected = self._positions(start, positions.shape[1])
         real = torch.arange(start, start + positions.shape[1], device=self.device)[None] >= self.n_pad[:, None]
         if not torch.equal(positions[real], expected[real]):
