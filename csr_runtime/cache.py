@@ -295,15 +295,19 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
 
-    def _unpacked(self, store: _KindStore, H: int, s_n: int, *, row_local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row's codes, unpacked in one call → idx, coef: (B, H, n, s_n, k); idx points into
-        `codebook.batch_table()`, or with `row_local` into each row's own atoms (offline, then its extras)."""
+    def _unpacked(self, store: _KindStore, H: int, s_n: int, *, row_local: bool = False,
+                  token_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's codes, unpacked in one call → idx, coef: (B, H, n, s_n, k), or (B, n, H, s_n, k) as stored with
+        `token_major`; idx points into `codebook.batch_table()`, or with `row_local` into each row's own atoms
+        (offline, then its extras)."""
         B, n = store.codes.shape[:2]
         # one scale for every row (always at batch 1): folded into e3m1's table instead of a pass over the codes
         scale = float(store.scale[0]) if bool((store.scale == store.scale[0]).all()) else store.token_scales(n)
         idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=scale)  # (B·n, H·s_n, k)
         shape = (B, n, H, s_n, store.layout.k)
         idx = idx.view(shape) if row_local else store.codebook.batch_index(idx.view(shape))
+        if token_major:
+            return idx, coef.view(shape)
         return idx.transpose(1, 2), coef.view(shape).transpose(1, 2)
 
     def _encode_rows(self, store: _KindStore, chunks: torch.Tensor, k: int):
@@ -365,8 +369,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             return torch.cat([sinks, window, new], dim=-2)
         store = self.stores[kind]
         s_n = 1 if kind == "keys" else self.settings.s_n_values
-        idx, coef = self._unpacked(store, H, s_n)
-        x = sparse_decode(idx, coef, store.codebook.batch_table()).view(B, H, n, d)  # all rows in one gather
+        idx, coef = self._unpacked(store, H, s_n, token_major=True)  # decoded in the codes' order, read transposed
+        x = sparse_decode(idx, coef, store.codebook.batch_table()).view(B, n, H, d).transpose(1, 2)  # one gather
         if store.unwhiten is not None:
             x = whiten_heads(store.unwhiten, x)
         # In place where possible, then one concatenation into a buffer the layers of a step share: at 4k tokens
