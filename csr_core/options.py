@@ -12,8 +12,8 @@ METHODS = ("mp", "omp")
 SAMPLINGS = ("reverse", "uniform")
 SPARSITY_OPTIONS = ("sparsity", "sparsity_keys", "sparsity_values", "code_bits_per_channel")
 DEFAULTS = {"key_weight": defaults.KEY_WEIGHT, "online_atoms": defaults.ONLINE_ATOMS, "guard_atoms": defaults.GUARD_ATOMS,
-            "guard_threshold": defaults.GUARD_THRESHOLD, "window": defaults.WINDOW, "coding_batch": defaults.CODING_BATCH, "sink_tokens": defaults.SINK_TOKENS,
-            "coef_format": defaults.COEF_FORMAT}
+            "guard_threshold": defaults.GUARD_THRESHOLD, "window": defaults.WINDOW, "coding_batch": defaults.CODING_BATCH,
+            "sink_tokens": defaults.SINK_TOKENS, "coef_format": defaults.COEF_FORMAT}
 
 
 def with_file_settings(given: dict, runtime: dict | None) -> dict:

@@ -8,8 +8,8 @@ from csr_core.allocation import resolve_sparsity
 from csr_core.options import check_cache_options, with_file_settings
 
 # the fields of both runtimes' CSRSettings that come straight from the options
-SETTING_FIELDS = ("method", "online_atoms", "online_sampling", "guard_atoms", "guard_threshold", "window", "coding_batch", "sink_tokens",
-                  "index_bits", "coef_format")
+SETTING_FIELDS = ("method", "online_atoms", "online_sampling", "guard_atoms", "guard_threshold", "window", "coding_batch",
+                  "sink_tokens", "index_bits", "coef_format")
 
 
 def cache_settings(dictionary, *, method: str, online_sampling: str, index_bits: int | None, **given) -> dict:

@@ -22,8 +22,8 @@ can be kept in full precision. Tokens past the window are coded once `coding_bat
 (a prefill or chunk at once; in token-by-token decoding every 8th step by default): coding one vector costs
 about as much as coding eight, since a decode step's few vectors leave matching pursuit bound by the count
 of tensor operations. Until then they are held exact and counted like the window; every vector gets the code
-it would have got alone (MP codes each vector on its own). Left padding is recognised from `position_ids` (a row's real tokens
-start at its last position 0): padding never becomes an online or guard atom. Every tensor the cache
+it would have got alone (MP codes each vector on its own). Left padding is recognised from `position_ids`
+(a row's real tokens start at its last position 0): padding never becomes an online or guard atom. Every tensor the cache
 holds is counted by `memory_bytes()`.
 
 Where we depart from the paper: it leaves the guard rule open; ours is the residual threshold above.

@@ -44,10 +44,11 @@ _E3M1_SIGNED = torch.cat([_E3M1_TABLE, -_E3M1_TABLE])  # value of every 5-bit co
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on `device`, without a call when it is there already (the tables below live on the CPU)."""
     return t if t.device == device else t.to(device)
 
 
-def _e3m1_magnitudes(coef: torch.Tensor, scale) -> torch.Tensor:
+def _e3m1_magnitudes(coef: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """int64 index of the nearest e3m1 magnitude of |coef / scale| (the count of midpoints below it)."""
     return torch.bucketize((coef.float() / scale).abs().contiguous(), _on(_E3M1_MIDPOINTS, coef.device))
 
@@ -58,7 +59,7 @@ def e3m1_codes(coef: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.where((coef < 0) & (magnitude > 0), magnitude + 16, magnitude).to(torch.int32)
 
 
-def e3m1_values(codes: torch.Tensor, scale) -> torch.Tensor:
+def e3m1_values(codes: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """The inverse of `e3m1_codes`: 5-bit codes → float32 coefficients (one table lookup; a float scale is folded
     into the 32-entry table, a tensor one multiplies the result)."""
     table = _on(_E3M1_SIGNED, codes.device)

@@ -21,7 +21,7 @@ Method = Literal["mp", "omp"]
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # coefficients → the values they are stored as
 
 
-_FEW_SCORES = 1 << 16  # up to this many scores, |scores| is materialised (fewer operations, same argmax)
+_FEW_SCORES = 1 << 16  # up to this many scores |scores| is materialised (fewer ops; same argmax but for exact ties)
 
 
 def _argmax_abs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

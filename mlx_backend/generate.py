@@ -23,7 +23,8 @@ from mlx_backend.convert import EMBEDDED_MODEL, mlx_source
 
 # CSR option → make_csr_cache keyword
 CSR_OPTIONS = {"csr_sparsity": "sparsity", "csr_online_atoms": "online_atoms", "csr_guard_atoms": "guard_atoms",
-               "csr_window": "window", "csr_coding_batch": "coding_batch", "csr_sink_tokens": "sink_tokens", "csr_coef_format": "coef_format"}
+               "csr_window": "window", "csr_coding_batch": "coding_batch", "csr_sink_tokens": "sink_tokens",
+               "csr_coef_format": "coef_format"}
 # mlx-lm flags that build another cache than the one CSR installs
 CONFLICTS = {"kv_bits": "--kv-bits", "prompt_cache_file": "--prompt-cache-file", "draft_model": "--draft-model",
              "max_kv_size": "--max-kv-size"}
