@@ -21,22 +21,14 @@ Method = Literal["mp", "omp"]
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # coefficients → the values they are stored as
 
 
-_FEW_SCORES = 1 << 16  # up to this many scores |scores| is materialised (fewer ops; same argmax but for exact ties)
-
-
-def _argmax_abs(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _argmax_abs(scores: torch.Tensor, magnitude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the column of largest |score| and its (signed) score: (n, N) → (n,), (n,).
 
-    From argmax and argmin: two read-only passes over the scores instead of materialising |scores|,
-    which dominates the time of MP and OMP on CPU. A few rows (a decode step) are bound by the number of
-    operations instead, so they take |scores| in three."""
-    if scores.numel() <= _FEW_SCORES:
-        i = scores.abs().argmax(dim=-1)
-        return i, scores.gather(-1, i[:, None]).squeeze(-1)
-    hi, lo = scores.argmax(dim=-1), scores.argmin(dim=-1)
-    c_hi, c_lo = scores.gather(-1, hi[:, None]).squeeze(-1), scores.gather(-1, lo[:, None]).squeeze(-1)
-    take_lo = c_lo.abs() > c_hi.abs()
-    return torch.where(take_lo, lo, hi), torch.where(take_lo, c_lo, c_hi)
+    `magnitude` is an (n, N) buffer for |scores|: written in place, it costs a third of a freshly allocated
+    |scores| on CPU (first writes into new memory fault its pages in), and `max` reads it faster than `argmax`."""
+    magnitude = torch.abs(scores, out=magnitude) if magnitude is not None else scores.abs()
+    i = magnitude.max(dim=-1).indices
+    return i, scores.gather(-1, i[:, None]).squeeze(-1)
 
 
 def _mp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quantizer | None = None):
@@ -52,9 +44,14 @@ def _mp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quant
     # In training only the chosen atoms' coefficients carry gradient: the (n, N) scores are built without
     # autograd and each coefficient is recomputed as <R, D[i]>, so the backward pass is O(n·s·d), not O(n·N·d).
     differentiable = torch.is_grad_enabled() and (x.requires_grad or dictionary.requires_grad)
+    # the s iterations' scores share two buffers (scores, |scores|): 1.2-1.5x faster MP on CPU than fresh tensors
+    scores = x.new_empty(x.shape[0], dictionary.shape[0])
+    magnitude = torch.empty_like(scores)
+    atoms_t = dictionary.detach().T
     for _ in range(s):
         with torch.no_grad():
-            i, c = _argmax_abs(residual @ dictionary.T)  # largest |<R, d>|: negatively correlated atoms count too
+            torch.mm(residual.detach(), atoms_t, out=scores)
+            i, c = _argmax_abs(scores, magnitude)  # largest |<R, d>|: negatively correlated atoms count too
         atoms = dictionary[i]
         if differentiable:
             c = (residual * atoms).sum(-1)
