@@ -194,7 +194,7 @@ def save_dictionary(path: str | os.PathLike, dictionary: DictionaryFile) -> Path
 HUB_FILENAME = "dictionary.safetensors"
 # cache settings a file may carry (`runtime`): the ones it was evaluated with, used when a caller gives none
 RUNTIME_KEYS = ("sparsity", "sparsity_keys", "sparsity_values", "code_bits_per_channel", "key_weight", "online_atoms",
-                "guard_atoms", "guard_threshold", "window", "sink_tokens", "coef_format")
+                "guard_atoms", "guard_threshold", "window", "refine_fraction", "refine_atoms", "sink_tokens", "coef_format")
 
 
 def is_hub_id(source: str | os.PathLike) -> bool:

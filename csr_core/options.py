@@ -13,7 +13,7 @@ SAMPLINGS = ("reverse", "uniform")
 SPARSITY_OPTIONS = ("sparsity", "sparsity_keys", "sparsity_values", "code_bits_per_channel")
 DEFAULTS = {"key_weight": defaults.KEY_WEIGHT, "online_atoms": defaults.ONLINE_ATOMS, "guard_atoms": defaults.GUARD_ATOMS,
             "guard_threshold": defaults.GUARD_THRESHOLD, "window": defaults.WINDOW, "coding_batch": defaults.CODING_BATCH,
-            "sink_tokens": defaults.SINK_TOKENS, "coef_format": defaults.COEF_FORMAT}
+            "refine_fraction": defaults.REFINE_FRACTION, "refine_atoms": defaults.REFINE_ATOMS, "sink_tokens": defaults.SINK_TOKENS, "coef_format": defaults.COEF_FORMAT}
 
 
 def with_file_settings(given: dict, runtime: dict | None) -> dict:
@@ -36,8 +36,8 @@ def _count(name: str, value) -> None:
 
 
 def check_cache_options(*, method: str, online_atoms: int, online_sampling: str, guard_atoms: int,
-                        guard_threshold: float, window: int, coding_batch: int, sink_tokens: int, index_bits: int | None,
-                        coef_format: str, code_bits_per_channel: float | None) -> None:
+                        guard_threshold: float, window: int, coding_batch: int, refine_fraction: float, refine_atoms: int, sink_tokens: int,
+                        index_bits: int | None, coef_format: str, code_bits_per_channel: float | None) -> None:
     """ValueError naming the first option out of range."""
     if method not in METHODS:
         raise ValueError(f"method has to be 'mp' (matching pursuit) or 'omp' (orthogonal MP), got {method!r}")
@@ -50,6 +50,12 @@ def check_cache_options(*, method: str, online_atoms: int, online_sampling: str,
         _count(name, value)
     if isinstance(coding_batch, bool) or not isinstance(coding_batch, int) or coding_batch < 1:
         raise ValueError(f"coding_batch must be an int >= 1 (1: every new token is coded at once), got {coding_batch!r}")
+    if isinstance(refine_fraction, bool) or not isinstance(refine_fraction, (int, float)) or not 0 <= refine_fraction <= 1:
+        raise ValueError(f"refine_fraction is the share of coded vectors that get more atoms, in [0, 1] (0: none), "
+                         f"got {refine_fraction!r}")
+    if isinstance(refine_atoms, bool) or not isinstance(refine_atoms, int) or refine_atoms < 1:
+        raise ValueError(f"refine_atoms must be an int >= 1 (the atoms a refined vector gets on top of its code), "
+                         f"got {refine_atoms!r}")
     if isinstance(guard_threshold, bool) or not isinstance(guard_threshold, (int, float)) or not guard_threshold > 0:
         raise ValueError(f"guard_threshold is a relative squared residual in (0, 1]: vectors coded worse become guard "
                          f"atoms; got {guard_threshold!r} (to disable guard atoms, set guard_atoms=0)")

@@ -48,8 +48,10 @@ from csr_runtime.code_packing import (
     CodeLayout,
     CoefFormat,
     coefficient_scale,
+    pack_bits,
     pack_codes,
     quantize_coefficients,
+    unpack_bits,
     unpack_codes,
 )
 from csr_runtime.codebook import Codebook, Sampling
@@ -72,6 +74,8 @@ class CSRSettings:
     guard_threshold: float = defaults.GUARD_THRESHOLD  # relative residual ‖x − x̂‖² / ‖x‖² above which a vector becomes a guard atom
     window: int = defaults.WINDOW  # newest tokens kept in full precision
     coding_batch: int = defaults.CODING_BATCH  # tokens past the window are coded once this many have gathered
+    refine_fraction: float = defaults.REFINE_FRACTION  # share of each coding call's vectors (per row) refined
+    refine_atoms: int = defaults.REFINE_ATOMS  # atoms a refined vector gets on top of its code
     sink_tokens: int = defaults.SINK_TOKENS  # first tokens of each row kept in full precision (attention sinks)
     index_bits: int | None = defaults.INDEX_BITS  # None: ⌈log2(atoms a row can address)⌉; 16 with fp16 is the paper's layout
     coef_format: CoefFormat = defaults.COEF_FORMAT
@@ -89,6 +93,14 @@ class _KindStore:
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
     scale: torch.Tensor | None = None  # (B,) fp8/e3m1 power-of-two scale per row, fixed at its first coded tokens
     codes: torch.Tensor | None = None  # (B, T, layout.nbytes) uint8
+    refine_layout: CodeLayout | None = None  # one refined vector's extra atoms
+    refine_mask: torch.Tensor | None = None  # (B, ⌈T · H · s_n / 8⌉) uint8: a bit per coded vector, token-major
+    refine_codes: torch.Tensor | None = None  # (B, R, refine_layout.nbytes) uint8: row b's refined vectors in order
+
+    def scales_for(self, n: int):
+        """The coefficient scale to unpack n codes per row with: one float when every row shares it (always at
+        batch 1: folded into e3m1's table instead of a pass over the codes), else each code's row scale."""
+        return float(self.scale[0]) if bool((self.scale == self.scale[0]).all()) else self.token_scales(n)
 
     def quantizer(self, b: int):
         """What MP rounds row b's coefficients to (None: int8's per-vector scale is known only after coding)."""
@@ -130,7 +142,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.sink_keys = self.sink_values = None  # (B, H, S, d_h) exact first tokens (keys after RoPE)
         self.n_sink_slots = 0  # slots held exact at the front: every row's padding + settings.sink_tokens
         self.n_coded = 0
-        self.stats = {"guard_atoms": 0, "atoms_refused": 0, "vectors_coded": 0}
+        self.stats = {"guard_atoms": 0, "atoms_refused": 0, "vectors_coded": 0, "vectors_refined": 0}
 
     # -- protocol ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -205,6 +217,11 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         if coded_keep < self.n_coded:
             for store in self.stores.values():
                 store.codes = store.codes[:, :coded_keep].clone()
+                if store.refine_mask is not None:
+                    vectors = store.layout.groups
+                    flags = unpack_bits(store.refine_mask, coded_keep * vectors)
+                    store.refine_mask = pack_bits(flags)
+                    store.refine_codes = store.refine_codes[:, : int(flags.sum(1).max())].clone()
             self.n_coded = coded_keep
         if keep < self._sink_len():
             self.sink_keys, self.sink_values = self.sink_keys[..., :keep, :].clone(), self.sink_values[..., :keep, :].clone()
@@ -216,6 +233,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         for store in self.stores.values():
             store.codebook.reset()
             store.layout, store.scale, store.codes = None, None, None
+            store.refine_layout, store.refine_mask, store.refine_codes = None, None, None
         self.step_memo.clear()
         self.stats = dict.fromkeys(self.stats, 0)
         self.is_initialized = False
@@ -228,6 +246,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         for store in self.stores.values():
             if store.codes is not None:
                 store.codes, store.scale = pick(store.codes), pick(store.scale)
+            if store.refine_mask is not None:
+                store.refine_mask, store.refine_codes = pick(store.refine_mask), pick(store.refine_codes)
             store.codebook.select_rows(rows)
         self.step_memo.clear()
 
@@ -281,6 +301,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             if store.layout is None:  # the first coded tokens fix the layout and each row's coefficient scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
+                store.refine_layout = CodeLayout(groups=1, k=s.refine_atoms, index_bits=self.index_bits[kind],
+                                                 coef_format=s.coef_format)
                 store.scale = torch.tensor([coefficient_scale(s.coef_format, float(chunks[b].norm(dim=-1).max()))
                                             for b in range(B)], device=self.device)
             store.codebook.start(B)
@@ -288,6 +310,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
                 self._add_online(store, chunks, real)
             idx, coef = self._encode_rows(store, chunks, k)  # (B, H, T, s_n·k)
             idx, coef = self._guard(store, chunks, real, idx, coef, k)
+            self._refine(store, chunks, real, idx, coef, k)
             # (B, H, T, s_n·k) → per token (B·T, H·s_n, k) → (B, T, nbytes)
             per_token = lambda t: t.view(B, H, T, s_n, k).permute(0, 2, 1, 3, 4).reshape(B * T, H * s_n, k)
             packed = pack_codes(per_token(idx), per_token(coef), store.layout, scale=store.token_scales(T)).view(B, T, -1)
@@ -301,14 +324,15 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         `token_major`; idx points into `codebook.batch_table()`, or with `row_local` into each row's own atoms
         (offline, then its extras)."""
         B, n = store.codes.shape[:2]
-        # one scale for every row (always at batch 1): folded into e3m1's table instead of a pass over the codes
-        scale = float(store.scale[0]) if bool((store.scale == store.scale[0]).all()) else store.token_scales(n)
-        idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=scale)  # (B·n, H·s_n, k)
+        idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=store.scales_for(n))  # (B·n, H·s_n, k)
         shape = (B, n, H, s_n, store.layout.k)
-        idx = idx.view(shape) if row_local else store.codebook.batch_index(idx.view(shape))
+        idx, coef = idx.view(shape), coef.view(shape)
+        if store.refine_codes is not None and store.refine_codes.shape[1]:
+            idx, coef = _with_refinement(store, idx, coef)
+        idx = idx if row_local else store.codebook.batch_index(idx)
         if token_major:
-            return idx, coef.view(shape)
-        return idx.transpose(1, 2), coef.view(shape).transpose(1, 2)
+            return idx, coef
+        return idx.transpose(1, 2), coef.transpose(1, 2)
 
     def _encode_rows(self, store: _KindStore, chunks: torch.Tensor, k: int):
         B, H, T, s_n, w = chunks.shape
@@ -357,6 +381,37 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             idx_b[recode], coef_b[recode] = i, c
             idx[b], coef[b] = idx_b.view(H, T, s_n * k), coef_b.view(H, T, s_n * k)
         return idx, coef
+
+    def _refine(self, store: _KindStore, chunks, real, idx, coef, k) -> None:
+        """The worst-coded `refine_fraction` of this call's vectors of each row (largest squared residual in the
+        coding space, padding last) get `refine_atoms` more atoms: MP continued on their residual. Their codes
+        are stored apart, with one bit per coded vector saying which ones have them."""
+        s = self.settings
+        if s.refine_fraction <= 0:
+            return
+        B, H, T, s_n, w = chunks.shape
+        token_major = lambda t: t.transpose(1, 2).reshape(B, T * H * s_n, -1)  # (B, H, T, s_n, ·) → (B, n, ·)
+        x, i_tm, c_tm = token_major(chunks), token_major(idx.view(B, H, T, s_n, k)), token_major(coef.view(B, H, T, s_n, k))
+        n, m = x.shape[1], round(s.refine_fraction * x.shape[1])
+        flags = torch.zeros(B, n, dtype=torch.bool, device=self.device)
+        codes = []
+        for b in range(B):
+            row = store.codebook.row(b)
+            residual = x[b] - sparse_decode(i_tm[b], c_tm[b], row)
+            energy = residual.square().sum(-1).masked_fill(~real[b].repeat_interleave(H * s_n), -1.0)
+            worst = energy.topk(m).indices.sort().values  # stored in the order of the vectors
+            flags[b, worst] = True
+            if m == 0:
+                codes.append(torch.zeros(0, store.refine_layout.nbytes, dtype=torch.uint8, device=self.device))
+                continue
+            ri, rc = sparse_encode(residual[worst], row, s=s.refine_atoms, quantize=store.quantizer(b))
+            codes.append(pack_codes(ri[:, None], rc[:, None], store.refine_layout, scale=float(store.scale[b])))
+        before = self.n_coded * H * s_n
+        old = unpack_bits(store.refine_mask, before) if store.refine_mask is not None else flags[:, :0]
+        store.refine_mask = pack_bits(torch.cat([old, flags], dim=1))
+        codes = torch.stack(codes)
+        store.refine_codes = codes if store.refine_codes is None else torch.cat([store.refine_codes, codes], dim=1)
+        self.stats["vectors_refined"] += B * m
 
     # -- decoding ---------------------------------------------------------------------------------
     def _assemble(self, kind: str, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -425,10 +480,30 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         """Every tensor this layer holds for the sequence (offline atoms only if asked: they are shared)."""
         out = [t for t in (self.keys, self.values, self.sink_keys, self.sink_values, self.n_pad) if t is not None]
         for store in self.stores.values():
-            out += [t for t in (store.codes, store.scale) if t is not None] + store.codebook.held_tensors()
+            out += [t for t in (store.codes, store.scale, store.refine_mask, store.refine_codes) if t is not None]
+            out += store.codebook.held_tensors()
             if include_offline:
                 out.append(store.codebook.offline)
         return out
+
+
+def _with_refinement(store: _KindStore, idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx, coef: (B, n, H, s_n, k) → (B, n, H, s_n, k + e): each refined vector's e extra atoms appended, the other
+    vectors' extra slots empty (atom 0, coefficient 0), so one gather decodes both."""
+    B, n, H, s_n, k = idx.shape
+    layout = store.refine_layout
+    R = store.refine_codes.shape[1]
+    r_idx, r_coef = unpack_codes(store.refine_codes.flatten(0, 1), layout, scale=store.scales_for(R))  # (B·R, 1, e)
+    flags = unpack_bits(store.refine_mask, n * H * s_n)  # (B, vectors)
+    rank = flags.cumsum(1) - 1  # each refined vector's place among its row's refinement codes
+    rows, vectors = flags.nonzero(as_tuple=True)
+    where = rows * R + rank[rows, vectors]
+    extra_idx = idx.new_zeros(B * n * H * s_n, layout.k)
+    extra_coef = coef.new_zeros(B * n * H * s_n, layout.k)
+    extra_idx[rows * (n * H * s_n) + vectors] = r_idx.view(B * R, -1)[where]
+    extra_coef[rows * (n * H * s_n) + vectors] = r_coef.view(B * R, -1)[where]
+    shape = (B, n, H, s_n, layout.k)
+    return torch.cat([idx, extra_idx.view(shape)], -1), torch.cat([coef, extra_coef.view(shape)], -1)
 
 
 def _position_ids(kwargs: dict, key_states: torch.Tensor, past: int) -> torch.Tensor:
@@ -483,6 +558,8 @@ class CSRCache(Cache):
         guard_threshold: float | None = None,
         window: int | None = None,
         coding_batch: int | None = None,
+        refine_fraction: float | None = None,
+        refine_atoms: int | None = None,
         sink_tokens: int | None = None,
         index_bits: int | None = defaults.INDEX_BITS,
         coef_format: CoefFormat | None = None,
@@ -502,7 +579,8 @@ class CSRCache(Cache):
                            sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
                            code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, online_atoms=online_atoms,
                            guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
-                           coding_batch=coding_batch, sink_tokens=sink_tokens, coef_format=coef_format)
+                           coding_batch=coding_batch, refine_fraction=refine_fraction, refine_atoms=refine_atoms,
+                           sink_tokens=sink_tokens, coef_format=coef_format)
         self.settings = CSRSettings(sparsity_keys=o["sparsity_keys"], sparsity_values=o["sparsity_values"],
                                     s_n_values=s_n_v, **{k: o[k] for k in SETTING_FIELDS})
         self.fingerprint = fingerprint

@@ -36,7 +36,7 @@ from csr_core.code_layout import (
 )
 
 __all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "coefficient_scale", "fp8_scale",
-           "index_bits_for", "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]
+           "index_bits_for", "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes", "pack_bits", "unpack_bits"]
 
 _E3M1_TABLE = torch.tensor(E3M1_MAGNITUDES, dtype=torch.float32)
 _E3M1_MIDPOINTS = (_E3M1_TABLE[1:] + _E3M1_TABLE[:-1]) / 2
@@ -180,3 +180,20 @@ def unpack_codes(packed: torch.Tensor, layout: CodeLayout, *, scale: float = 1.0
         c = c.view(n, G, 2 + k)
         coef = c[..., 2:].contiguous().view(torch.int8).float() * c[..., :2].contiguous().view(torch.float16).float()
     return idx, coef
+
+
+_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.int32)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """(B, n) bool → (B, ⌈n / 8⌉) uint8, bit j of byte i = mask[:, 8 i + j] (little-endian, zero-padded)."""
+    B, n = mask.shape
+    padded = torch.zeros(B, -(-n // 8) * 8, dtype=torch.int32, device=mask.device)
+    padded[:, :n] = mask
+    return (padded.view(B, -1, 8) * _on(_BIT_WEIGHTS, mask.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack_bits`: (B, nbytes) uint8 → (B, n) bool."""
+    bits = (packed.to(torch.int32)[..., None] & _on(_BIT_WEIGHTS, packed.device)) != 0
+    return bits.flatten(-2)[:, :n]

@@ -28,7 +28,15 @@ from csr_core import defaults
 from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_core.settings import SETTING_FIELDS, cache_settings
-from mlx_backend.code_packing import CodeLayout, coefficient_scale, pack_codes, quantize_coefficients, unpack_codes
+from mlx_backend.code_packing import (
+    CodeLayout,
+    coefficient_scale,
+    pack_bits,
+    pack_codes,
+    quantize_coefficients,
+    unpack_bits,
+    unpack_codes,
+)
 from mlx_backend.codebook import Codebook
 from mlx_backend.metric import apply as whiten_heads
 from mlx_backend.rope import rotate, unrotate
@@ -47,6 +55,8 @@ class CSRSettings:
     guard_threshold: float = defaults.GUARD_THRESHOLD
     window: int = defaults.WINDOW
     coding_batch: int = defaults.CODING_BATCH  # tokens past the window are coded once this many have gathered
+    refine_fraction: float = defaults.REFINE_FRACTION  # share of each coding call's vectors (per row) refined
+    refine_atoms: int = defaults.REFINE_ATOMS  # atoms a refined vector gets on top of its code
     sink_tokens: int = defaults.SINK_TOKENS  # first tokens kept in full precision (attention sinks)
     index_bits: int | None = defaults.INDEX_BITS  # None: ⌈log2(atoms a row can address)⌉
     coef_format: str = defaults.COEF_FORMAT
@@ -61,6 +71,9 @@ class _KindStore:
     layout: CodeLayout | None = None  # how one token's (H · s_n · k) pairs are bit-packed
     scale: list[float] | None = None  # fp8/e3m1 power-of-two scale per row, fixed at its first coded tokens
     codes: mx.array | None = None  # (B, T, layout.nbytes) uint8
+    refine_layout: CodeLayout | None = None  # one refined vector's extra atoms
+    refine_mask: mx.array | None = None  # (B, ⌈T · H · s_n / 8⌉) uint8: a bit per coded vector, token-major
+    refine_codes: mx.array | None = None  # (B, R, refine_layout.nbytes) uint8: row b's refined vectors in order
 
     def quantizer(self, b: int):
         """What MP rounds row b's coefficients to (None: int8's per-vector scale is known only after coding)."""
@@ -89,7 +102,7 @@ class CSRKVCache:
         self.sink_keys = self.sink_values = None  # exact first tokens (keys after RoPE)
         self.offset = 0
         self.n_coded = 0
-        self.stats = {"guard_atoms": 0, "atoms_refused": 0, "vectors_coded": 0}
+        self.stats = {"guard_atoms": 0, "atoms_refused": 0, "vectors_coded": 0, "vectors_refined": 0}
 
     # -- mlx-lm protocol ---------------------------------------------------------------------------
     def update_and_fetch(self, keys: mx.array, values: mx.array):
@@ -162,6 +175,10 @@ class CSRKVCache:
         if coded_keep < self.n_coded:
             for store in self.stores.values():
                 store.codes = mx.contiguous(store.codes[:, :coded_keep]) if coded_keep else None
+                if store.refine_mask is not None:
+                    flags = unpack_bits(store.refine_mask, coded_keep * store.layout.groups)
+                    store.refine_mask = pack_bits(flags)
+                    store.refine_codes = mx.contiguous(store.refine_codes[:, : int(flags.sum(axis=1).max().item())])
             self.n_coded = coded_keep
         if keep < S:
             self.sink_keys, self.sink_values = mx.contiguous(self.sink_keys[:, :, :keep]), mx.contiguous(self.sink_values[:, :, :keep])
@@ -171,7 +188,8 @@ class CSRKVCache:
     def _held_arrays(self) -> list[mx.array]:
         arrays = [a for a in (self.keys, self.values, self.sink_keys, self.sink_values) if a is not None]
         for store in self.stores.values():
-            arrays += [a for a in (store.codes,) if a is not None] + store.codebook.held_tensors()
+            arrays += [a for a in (store.codes, store.refine_mask, store.refine_codes) if a is not None]
+            arrays += store.codebook.held_tensors()
         return arrays
 
     @property
@@ -188,9 +206,11 @@ class CSRKVCache:
         for kind, store in self.stores.items():
             cb = store.codebook
             arrays[f"{kind}.codes"] = store.codes
+            arrays[f"{kind}.refine_mask"], arrays[f"{kind}.refine_codes"] = store.refine_mask, store.refine_codes
             for b, extra in enumerate(cb.extra or []):
                 arrays[f"{kind}.extra.{b}"] = extra
             meta["kinds"][kind] = {"layout": None if store.layout is None else asdict(store.layout), "scale": store.scale,
+                                   "refine_layout": None if store.refine_layout is None else asdict(store.refine_layout),
                                    "rows": None if cb.extra is None else len(cb.extra), "n_extra": cb.n_extra,
                                    "n_online": cb.n_online}
         return {name: a for name, a in arrays.items() if a is not None}, meta
@@ -204,6 +224,8 @@ class CSRKVCache:
             m, cb = meta["kinds"][kind], store.codebook
             store.layout = None if m["layout"] is None else CodeLayout(**m["layout"])
             store.scale, store.codes = m["scale"], arrays.get(f"{kind}.codes")
+            store.refine_layout = None if m.get("refine_layout") is None else CodeLayout(**m["refine_layout"])
+            store.refine_mask, store.refine_codes = arrays.get(f"{kind}.refine_mask"), arrays.get(f"{kind}.refine_codes")
             cb.reset()
             if m["rows"] is not None:
                 cb.extra = [arrays[f"{kind}.extra.{b}"] for b in range(m["rows"])]
@@ -230,18 +252,32 @@ class CSRKVCache:
             chunks = split_chunks(x, s_n)  # (B, H, T, s_n, w)
             if store.layout is None:  # the first coded tokens fix the layout and each row's coefficient scale
                 store.layout = CodeLayout(groups=H * s_n, k=k, index_bits=self.index_bits[kind], coef_format=s.coef_format)
+                store.refine_layout = CodeLayout(groups=1, k=s.refine_atoms, index_bits=self.index_bits[kind],
+                                                 coef_format=s.coef_format)
                 store.scale = [coefficient_scale(s.coef_format, mx.max(mx.linalg.norm(chunks[b], axis=-1)).item())
                                for b in range(B)]
             store.codebook.start(B)
             if build_online:
                 self._add_online(store, chunks)
-            packed = []
+            packed, flags, refined = [], [], []
             for b in range(B):
                 i, c = self._encode_row(store, b, chunks[b], k)  # (H, T, s_n·k)
                 per_token = lambda a: a.reshape(H, T, s_n, k).transpose(1, 0, 2, 3).reshape(T, H * s_n, k)
                 packed.append(pack_codes(per_token(i), per_token(c), store.layout, scale=store.scale[b]))
+                if s.refine_fraction > 0:
+                    x_tm = chunks[b].transpose(1, 0, 2, 3).reshape(T * H * s_n, -1)  # token-major, as the codes
+                    f, r = self._refine_row(store, b, x_tm, per_token(i).reshape(-1, k), per_token(c).reshape(-1, k))
+                    flags.append(f)
+                    refined.append(r)
             packed = mx.stack(packed)  # (B, T, nbytes)
             store.codes = packed if store.codes is None else mx.concatenate([store.codes, packed], axis=1)
+            if refined:
+                before = self.n_coded * H * s_n
+                old = [] if store.refine_mask is None else [unpack_bits(store.refine_mask, before)]
+                store.refine_mask = pack_bits(mx.concatenate(old + [mx.stack(flags)], axis=1))
+                refined = mx.stack(refined)
+                store.refine_codes = refined if store.refine_codes is None else mx.concatenate(
+                    [store.refine_codes, refined], axis=1)
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
 
@@ -278,6 +314,23 @@ class CSRKVCache:
                     coef[recode] = c
         return idx.reshape(H, T, s_n * k), coef.reshape(H, T, s_n * k)
 
+    def _refine_row(self, store: _KindStore, b: int, x: mx.array, idx: mx.array, coef: mx.array):
+        """As the torch runtime: the worst-coded `refine_fraction` of this call's vectors (x: (n, w) token-major,
+        with their codes) get `refine_atoms` more atoms. → (n,) bool flags, (m, nbytes) packed extra codes."""
+        s = self.settings
+        row = store.codebook.row(b)
+        residual = x - sparse_decode(idx, coef, row)
+        m = round(s.refine_fraction * x.shape[0])
+        worst = np.sort(np.argsort(-np.array((residual**2).sum(-1)), kind="stable")[:m])
+        flags = np.zeros(x.shape[0], dtype=bool)
+        flags[worst] = True
+        self.stats["vectors_refined"] += m
+        if m == 0:
+            return mx.array(flags), mx.zeros((0, store.refine_layout.nbytes), dtype=mx.uint8)
+        ri, rc = sparse_encode(residual[mx.array(worst.astype(np.int32))], row, s=s.refine_atoms,
+                               quantize=store.quantizer(b))
+        return mx.array(flags), pack_codes(ri[:, None], rc[:, None], store.refine_layout, scale=store.scale[b])
+
     # -- decoding -----------------------------------------------------------------------------------
     def _decode(self, kind: str):
         store = self.stores[kind]
@@ -287,6 +340,9 @@ class CSRKVCache:
         s_n = 1 if kind == "keys" else self.settings.s_n_values
         H, k = store.layout.groups // s_n, store.layout.k
         idx, coef = unpack_codes(store.codes.reshape(B * T, -1), store.layout, scale=store.token_scales(T))  # (B·T, H·s_n, k)
+        if store.refine_codes is not None and store.refine_codes.shape[1]:
+            idx, coef = _with_refinement(store, idx.reshape(B, T * H * s_n, k), coef.reshape(B, T * H * s_n, k))
+            k = idx.shape[-1]
         per_head = lambda a: a.reshape(B, T, H, s_n, k).transpose(0, 2, 1, 3, 4)
         idx = store.codebook.batch_index(per_head(idx))
         x = sparse_decode(idx, per_head(coef), store.codebook.batch_table()).reshape(B, H, T, -1)  # every row at once
@@ -301,6 +357,23 @@ class CSRKVCache:
     def _decoded_values(self) -> mx.array:
         values = self._decode("values")
         return self.values[:, :, :0] if values is None else values.astype(self.values.dtype)
+
+
+def _with_refinement(store: _KindStore, idx: mx.array, coef: mx.array) -> tuple[mx.array, mx.array]:
+    """idx, coef: (B, n, k) per coded vector → (B, n, k + e): each refined vector's e extra atoms appended, the
+    other vectors' extra slots empty (atom 0, coefficient 0), so one gather decodes both (as the torch runtime)."""
+    B, n, k = idx.shape
+    layout, R = store.refine_layout, store.refine_codes.shape[1]
+    r_idx, r_coef = unpack_codes(store.refine_codes.reshape(B * R, -1), layout, scale=store.token_scales(R))
+    flags = np.array(unpack_bits(store.refine_mask, n))  # (B, n)
+    rows, vectors = np.nonzero(flags)
+    rank = (np.cumsum(flags, axis=1) - 1)[rows, vectors]  # each refined vector's place among its row's codes
+    extra_idx = np.zeros((B * n, layout.k), dtype=np.int32)
+    extra_coef = np.zeros((B * n, layout.k), dtype=np.float32)
+    extra_idx[rows * n + vectors] = np.array(r_idx.reshape(B * R, -1))[rows * R + rank]
+    extra_coef[rows * n + vectors] = np.array(r_coef.reshape(B * R, -1))[rows * R + rank]
+    return (mx.concatenate([idx, mx.array(extra_idx).reshape(B, n, -1).astype(idx.dtype)], axis=-1),
+            mx.concatenate([coef, mx.array(extra_coef).reshape(B, n, -1)], axis=-1))
 
 
 def model_fingerprint(model, model_id: str = "model") -> ModelFingerprint:
@@ -334,6 +407,8 @@ def make_csr_cache(
     guard_threshold: float | None = None,
     window: int | None = None,
     coding_batch: int | None = None,
+    refine_fraction: float | None = None,
+    refine_atoms: int | None = None,
     sink_tokens: int | None = None,
     index_bits: int | None = defaults.INDEX_BITS,
     coef_format: str | None = None,
@@ -349,7 +424,8 @@ def make_csr_cache(
                        sparsity=sparsity, sparsity_keys=sparsity_keys, sparsity_values=sparsity_values,
                        code_bits_per_channel=code_bits_per_channel, key_weight=key_weight, online_atoms=online_atoms,
                        guard_atoms=guard_atoms, guard_threshold=guard_threshold, window=window,
-                       coding_batch=coding_batch, sink_tokens=sink_tokens, coef_format=coef_format)
+                       coding_batch=coding_batch, refine_fraction=refine_fraction, refine_atoms=refine_atoms,
+                       sink_tokens=sink_tokens, coef_format=coef_format)
     settings = CSRSettings(sparsity_keys=o["sparsity_keys"], sparsity_values=o["sparsity_values"],
                            s_n_values=dictionary.values.s_n, **{k: o[k] for k in SETTING_FIELDS})
     kinds = (("keys", dictionary.keys), ("values", dictionary.values))

@@ -20,7 +20,7 @@ from csr_core.code_layout import (
 )
 
 __all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "coefficient_scale", "fp8_scale", "index_bits_for",
-           "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes"]
+           "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes", "pack_bits", "unpack_bits"]
 
 _E3M1_TABLE = mx.array(E3M1_MAGNITUDES, dtype=mx.float32)
 _E3M1_MIDPOINTS = (_E3M1_TABLE[1:] + _E3M1_TABLE[:-1]) / 2
@@ -115,3 +115,19 @@ def unpack_codes(packed: mx.array, layout: CodeLayout, *, scale: float = 1.0) ->
         c = c.reshape(n, G, 2 + k)
         coef = mx.contiguous(c[..., 2:]).view(mx.int8).astype(mx.float32) * mx.contiguous(c[..., :2]).view(mx.float16).astype(mx.float32)
     return idx, coef
+
+
+_BIT_WEIGHTS = mx.array([1 << j for j in range(8)], dtype=mx.int32)
+
+
+def pack_bits(mask: mx.array) -> mx.array:
+    """(B, n) bool → (B, ⌈n / 8⌉) uint8, bit j of byte i = mask[:, 8 i + j] (little-endian, zero-padded)."""
+    B, n = mask.shape
+    padded = mx.concatenate([mask.astype(mx.int32), mx.zeros((B, -(-n // 8) * 8 - n), dtype=mx.int32)], axis=1)
+    return (padded.reshape(B, -1, 8) * _BIT_WEIGHTS).sum(-1).astype(mx.uint8)
+
+
+def unpack_bits(packed: mx.array, n: int) -> mx.array:
+    """The inverse of `pack_bits`: (B, nbytes) uint8 → (B, n) bool."""
+    bits = mx.bitwise_and(packed.astype(mx.int32)[..., None], _BIT_WEIGHTS) != 0
+    return bits.reshape(packed.shape[0], -1)[:, :n]

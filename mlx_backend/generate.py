@@ -24,6 +24,7 @@ from mlx_backend.convert import EMBEDDED_MODEL, mlx_source
 # CSR option → make_csr_cache keyword
 CSR_OPTIONS = {"csr_sparsity": "sparsity", "csr_online_atoms": "online_atoms", "csr_guard_atoms": "guard_atoms",
                "csr_window": "window", "csr_coding_batch": "coding_batch", "csr_sink_tokens": "sink_tokens",
+               "csr_refine_fraction": "refine_fraction", "csr_refine_atoms": "refine_atoms",
                "csr_coef_format": "coef_format"}
 # mlx-lm flags that build another cache than the one CSR installs
 CONFLICTS = {"kv_bits": "--kv-bits", "prompt_cache_file": "--prompt-cache-file", "draft_model": "--draft-model",
@@ -36,9 +37,12 @@ def add_csr_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--csr-sparsity", type=int, default=None,
                    help="CSR-s: keys s atoms, values s / s_n per chunk (default: the file's allocation or sparsity)")
     for name, constant in (("online-atoms", "ONLINE_ATOMS"), ("guard-atoms", "GUARD_ATOMS"), ("window", "WINDOW"),
-                           ("coding-batch", "CODING_BATCH"), ("sink-tokens", "SINK_TOKENS")):
+                           ("coding-batch", "CODING_BATCH"), ("refine-atoms", "REFINE_ATOMS"), ("sink-tokens", "SINK_TOKENS")):
         g.add_argument(f"--csr-{name}", type=int, default=None,
                        help=f"default: the dictionary file's setting, else {getattr(defaults, constant)}")
+    g.add_argument("--csr-refine-fraction", type=float, default=None,
+                   help=f"share of coded vectors that get --csr-refine-atoms more atoms (the worst coded); default: the "
+                        f"dictionary file's setting, else {defaults.REFINE_FRACTION}")
     g.add_argument("--csr-coef-format", default=None, choices=list(COEF_FORMATS),
                    help=f"default: the dictionary file's setting, else {defaults.COEF_FORMAT}")
     g.add_argument("--compare-kv-cache", action="store_true",

@@ -15,7 +15,7 @@ from tests.test_mlx import tiny_mlx_llama
 
 NAMES = {"online_atoms": "ONLINE_ATOMS", "guard_atoms": "GUARD_ATOMS", "guard_threshold": "GUARD_THRESHOLD",
          "sink_tokens": "SINK_TOKENS", "window": "WINDOW", "coding_batch": "CODING_BATCH", "coef_format": "COEF_FORMAT",
-         "index_bits": "INDEX_BITS"}
+         "index_bits": "INDEX_BITS", "refine_fraction": "REFINE_FRACTION", "refine_atoms": "REFINE_ATOMS"}
 
 
 def settings_of(runtime, dictionary, **options):

@@ -114,15 +114,21 @@ def test_smollm2_parity_with_the_torch_runtime(smollm2, tmp_path):
     assert model.args.rope_theta == fp.rope_theta  # the conversion spelled out rope_theta
     text = "Python's dictionaries map keys to values; lookups take constant time on average, which makes them fast."
     ids = tokenizer(text * 3, return_tensors="pt")["input_ids"][:, :80]
-    options = dict(sparsity=4, online_atoms=16, guard_atoms=16)
+    options = dict(sparsity=4, online_atoms=16, guard_atoms=16, refine_fraction=0.25)
     torch_cache = CSRCache(lm, path, **options)
     mlx_cache = make_csr_cache(model, str(path), **options)
     t = torch_log_probs(lm, ids, torch_cache, prefix=48, chunk=16)
     t = t.gather(-1, ids[0, 48:, None]).squeeze(-1).numpy()
     m = mlx_log_probs(model, ids[0].tolist(), mlx_cache, prefix=48, chunk=16)
     for kind in ("keys", "values"):  # the same packed bytes (float32 near-ties aside)
-        same = np.array(mlx_cache[0].stores[kind].codes) == torch_cache.layers[0].stores[kind].codes.numpy()
+        m_store, t_store = mlx_cache[0].stores[kind], torch_cache.layers[0].stores[kind]
+        same = np.array(m_store.codes) == t_store.codes.numpy()
         assert same.mean() > 0.98, (kind, same.mean())
+        # the same vectors refined (near-ties at the cut aside), as many in both
+        m_flags = np.unpackbits(np.array(m_store.refine_mask), bitorder="little")
+        t_flags = np.unpackbits(t_store.refine_mask.numpy(), bitorder="little")
+        assert m_store.refine_codes.shape == tuple(t_store.refine_codes.shape) and m_flags.sum() == t_flags.sum() > 0
+        assert (m_flags & t_flags).sum() / t_flags.sum() > 0.9, (kind, (m_flags & t_flags).sum(), t_flags.sum())
     np.testing.assert_allclose(m, t, atol=0.1)
     ppl_t, ppl_m = np.exp(-t.mean()), np.exp(-m.mean())
     assert abs(ppl_m / ppl_t - 1) < 0.01, (ppl_t, ppl_m)
@@ -394,3 +400,31 @@ def test_batch_generate_with_csr_caches_matches_each_sequence_alone():
     assert len(merged.rows) == 2 and merged.empty()
     with pytest.raises(ValueError, match="right-padded prompts"):
         merged.prepare(left_padding=[1, 0])
+
+
+def test_refined_vectors_decode_as_their_longer_mp_codes_and_survive_trim_and_save(tmp_path):
+    from mlx_backend.prompt_cache import load_prompt_cache, save_prompt_cache
+
+    model = tiny_mlx_llama()
+    d = _lossy_dictionary(model)
+    options = dict(sparsity=2, sink_tokens=0, coding_batch=1)
+    refined = make_csr_cache(model, d, refine_fraction=0.3, refine_atoms=2, **options)
+    plain = make_csr_cache(model, d, **options)
+    longer = make_csr_cache(model, d, sparsity=4, sink_tokens=0, coding_batch=1)
+    ids = mx.array(np.random.default_rng(7).integers(0, 128, (1, 20)))
+    for cache in (refined, plain, longer):
+        model(ids[:, :16], cache=cache)
+        for t in range(16, 20):  # decode steps: each codes its own vector batch
+            model(ids[:, t : t + 1], cache=cache)
+    # layer 0: its inputs (embeddings) are the same in the three caches also after the decode steps
+    keys, plain_keys, longer_keys = (np.array(c[0]._decoded_keys()) for c in (refined, plain, longer))
+    is_refined = np.abs(keys - plain_keys).max(-1) > 0
+    np.testing.assert_allclose(keys[is_refined], longer_keys[is_refined], atol=1e-5)
+    np.testing.assert_array_equal(keys[~is_refined], plain_keys[~is_refined])
+    assert is_refined.sum() == round(0.3 * 2 * 16) + 4 * round(0.3 * 2)  # 10 of the prefill's 32, 1 of 2 per step
+    assert refined[0].nbytes == sum(a.nbytes for a in refined[0]._held_arrays()) > plain[0].nbytes
+    save_prompt_cache(tmp_path / "p.safetensors", refined)
+    loaded = load_prompt_cache(tmp_path / "p.safetensors", model, d)
+    np.testing.assert_array_equal(np.array(loaded[0]._decoded_keys()), keys)
+    refined[0].trim(6)
+    np.testing.assert_array_equal(np.array(refined[0]._decoded_keys()), keys[:, :, :14])
