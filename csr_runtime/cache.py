@@ -17,6 +17,11 @@ dictionary file) + online atoms (the prompt's own vectors) + guard atoms, which 
 vectors whose relative MP residual stays above `guard_threshold`, stored as their own atom so they are
 reproduced almost exactly (prefill and decode alike).
 
+With `refine_fraction` > 0 the worst-coded share of each coding call's vectors (per row: the largest squared
+residual in the coding space) get `refine_atoms` more atoms, MP continued on their residual; their codes are
+stored apart, in the order of the vectors, with one bit per coded vector saying which have them (a vector's
+code length follows its error, at the price of that bit).
+
 The first `sink_tokens` tokens (attention sinks, as in StreamingLLM) and the newest `window` tokens
 can be kept in full precision. Tokens past the window are coded once `coding_batch` of them have gathered
 (a prefill or chunk at once; in token-by-token decoding every 8th step by default): coding one vector costs
@@ -318,16 +323,16 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
 
-    def _unpacked(self, store: _KindStore, H: int, s_n: int, *, row_local: bool = False,
-                  token_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def _unpacked(self, store: _KindStore, H: int, s_n: int, *, row_local: bool = False, token_major: bool = False,
+                  refined: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's codes, unpacked in one call → idx, coef: (B, H, n, s_n, k), or (B, n, H, s_n, k) as stored with
         `token_major`; idx points into `codebook.batch_table()`, or with `row_local` into each row's own atoms
-        (offline, then its extras)."""
+        (offline, then its extras). With `refined`, k + refine_atoms atoms a vector (`_with_refinement`)."""
         B, n = store.codes.shape[:2]
         idx, coef = unpack_codes(store.codes.flatten(0, 1), store.layout, scale=store.scales_for(n))  # (B·n, H·s_n, k)
         shape = (B, n, H, s_n, store.layout.k)
         idx, coef = idx.view(shape), coef.view(shape)
-        if store.refine_codes is not None and store.refine_codes.shape[1]:
+        if refined and _has_refinement(store):
             idx, coef = _with_refinement(store, idx, coef)
         idx = idx if row_local else store.codebook.batch_index(idx)
         if token_major:
@@ -424,8 +429,12 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             return torch.cat([sinks, window, new], dim=-2)
         store = self.stores[kind]
         s_n = 1 if kind == "keys" else self.settings.s_n_values
-        idx, coef = self._unpacked(store, H, s_n, token_major=True)  # decoded in the codes' order, read transposed
-        x = sparse_decode(idx, coef, store.codebook.batch_table()).view(B, n, H, d).transpose(1, 2)  # one gather
+        idx, coef = self._unpacked(store, H, s_n, token_major=True, refined=False)  # in the codes' order, read transposed
+        table = store.codebook.batch_table()
+        x = sparse_decode(idx, coef, table)  # (B, n, H, s_n, w): one gather
+        if _has_refinement(store):
+            _add_refinement(store, x.view(-1, x.shape[-1]), table)
+        x = x.view(B, n, H, d).transpose(1, 2)
         if store.unwhiten is not None:
             x = whiten_heads(store.unwhiten, x)
         # In place where possible, then one concatenation into a buffer the layers of a step share: at 4k tokens
@@ -487,22 +496,42 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         return out
 
 
+def _has_refinement(store: _KindStore) -> bool:
+    return store.refine_codes is not None and store.refine_codes.shape[1] > 0
+
+
+def _refinement(store: _KindStore, vectors: int):
+    """Row b's refinement codes, unpacked, with where they go: (rows, vectors) of the refined vectors, and the
+    flat position of each one's code in (B · R, e) idx / coef (row-local indices)."""
+    R = store.refine_codes.shape[1]
+    r_idx, r_coef = unpack_codes(store.refine_codes.flatten(0, 1), store.refine_layout, scale=store.scales_for(R))
+    flags = unpack_bits(store.refine_mask, vectors)  # (B, vectors)
+    rank = flags.cumsum(1) - 1  # each refined vector's place among its row's refinement codes
+    rows, where = flags.nonzero(as_tuple=True)
+    return r_idx.view(-1, R, store.refine_layout.k), r_coef.view(-1, R, store.refine_layout.k), rows, where, \
+        rows * R + rank[rows, where]
+
+
+def _add_refinement(store: _KindStore, flat: torch.Tensor, table: torch.Tensor) -> None:
+    """flat: (B · vectors, w) decoded vectors (token-major): each refined one gets its extra atoms added (a gather of
+    the refined vectors' atoms only)."""
+    B = store.refine_codes.shape[0]
+    r_idx, r_coef, rows, where, code = _refinement(store, flat.shape[0] // B)
+    r_idx = store.codebook.batch_index(r_idx).flatten(0, 1)[code]
+    flat.index_add_(0, rows * (flat.shape[0] // B) + where, sparse_decode(r_idx, r_coef.flatten(0, 1)[code], table))
+
+
 def _with_refinement(store: _KindStore, idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """idx, coef: (B, n, H, s_n, k) → (B, n, H, s_n, k + e): each refined vector's e extra atoms appended, the other
     vectors' extra slots empty (atom 0, coefficient 0), so one gather decodes both."""
     B, n, H, s_n, k = idx.shape
-    layout = store.refine_layout
-    R = store.refine_codes.shape[1]
-    r_idx, r_coef = unpack_codes(store.refine_codes.flatten(0, 1), layout, scale=store.scales_for(R))  # (B·R, 1, e)
-    flags = unpack_bits(store.refine_mask, n * H * s_n)  # (B, vectors)
-    rank = flags.cumsum(1) - 1  # each refined vector's place among its row's refinement codes
-    rows, vectors = flags.nonzero(as_tuple=True)
-    where = rows * R + rank[rows, vectors]
-    extra_idx = idx.new_zeros(B * n * H * s_n, layout.k)
-    extra_coef = coef.new_zeros(B * n * H * s_n, layout.k)
-    extra_idx[rows * (n * H * s_n) + vectors] = r_idx.view(B * R, -1)[where]
-    extra_coef[rows * (n * H * s_n) + vectors] = r_coef.view(B * R, -1)[where]
-    shape = (B, n, H, s_n, layout.k)
+    e = store.refine_layout.k
+    r_idx, r_coef, rows, where, code = _refinement(store, n * H * s_n)
+    extra_idx = idx.new_zeros(B * n * H * s_n, e)
+    extra_coef = coef.new_zeros(B * n * H * s_n, e)
+    extra_idx[rows * (n * H * s_n) + where] = r_idx.flatten(0, 1)[code]
+    extra_coef[rows * (n * H * s_n) + where] = r_coef.flatten(0, 1)[code]
+    shape = (B, n, H, s_n, e)
     return torch.cat([idx, extra_idx.view(shape)], -1), torch.cat([coef, extra_coef.view(shape)], -1)
 
 

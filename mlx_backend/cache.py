@@ -7,7 +7,8 @@ token in the layout of `csr_core.code_layout` (the same bytes as the torch runti
 again when read. The first `sink_tokens` tokens stay exact. Per layer, kind and row the dictionary is a
 `Codebook` (`codebook.py`): offline (file) + online (the prompt's own vectors) + guard (vectors whose
 relative residual stays above a threshold); the newest `window` tokens stay in full precision, and
-tokens past it wait exact until `coding_batch` of them can be coded together (as in the torch runtime). The
+tokens past it wait exact until `coding_batch` of them can be coded together (as in the torch runtime); with
+`refine_fraction` > 0 the worst-coded share of each coding call's vectors get `refine_atoms` more atoms. The
 call's own new K/V reach the attention exactly. `trim(n)` drops the newest tokens (prompt-cache reuse, speculative decoding).
 Sequences of different lengths batch through mlx-lm's own protocol (`merge` → `batch_rows.BatchCSRKVCache`:
 `batch_generate`, the server's batching). Prompt caches are saved and loaded with `mlx_backend.prompt_cache`

@@ -111,3 +111,15 @@ def test_bad_refinement_options_are_named(option, value):
     lm = tiny_llama(n_layers=2, kv_heads=H)
     with pytest.raises(ValueError, match=option):
         CSRCache(lm, random_dictionary(lm), sparsity=2, **{option: value})
+
+
+def test_values_aggregated_as_codes_include_the_refinement():
+    from tests.test_attention import dense_and_codes
+
+    lm = tiny_llama(n_layers=2, heads=4, kv_heads=H, head_dim=16)
+    ids = torch.randint(1, 128, (B, 30), generator=torch.Generator().manual_seed(2))
+    make = lambda: CSRCache(lm, random_dictionary(lm), sparsity=2, refine_fraction=0.3, refine_atoms=2, coding_batch=1)
+    dense, codes = dense_and_codes(lm, ids, make, prefill=16)
+    torch.testing.assert_close(codes, dense, atol=1e-5, rtol=0)
+    plain_dense, _ = dense_and_codes(lm, ids, lambda: CSRCache(lm, random_dictionary(lm), sparsity=2, coding_batch=1), 16)
+    assert not torch.allclose(plain_dense, dense, atol=1e-3)  # the refinement reached the logits
