@@ -55,23 +55,35 @@ def greedy_allocation(curves: dict, atom_bits: dict, *, bits_per_channel: float,
         spent += cost[best[0]]
 
 
+def refinement_bits_per_channel(atom_bits: dict, *, head_dim: int, s_n: dict, refine_fraction: float,
+                                refine_atoms: int) -> float:
+    """What refinement costs, keys and values averaged: per coded vector (a chunk of d_h / s_n channels) one flag bit
+    + refine_fraction · refine_atoms atoms."""
+    if refine_fraction <= 0:
+        return 0.0
+    per_kind = [(1 + refine_fraction * refine_atoms * atom_bits[kind]) * s_n[kind] / head_dim for kind in KINDS]
+    return sum(per_kind) / len(per_kind)
+
+
 def resolve_sparsity(dictionary, *, sparsity=None, sparsity_keys=None, sparsity_values=None,
                      code_bits_per_channel: float | None = None, key_weight: float = 1.0, index_bits: int | None = None,
-                     online_atoms: int = 0, guard_atoms: int = 0, coef_format: str = "fp8") -> tuple[list[int], list[int]]:
+                     online_atoms: int = 0, guard_atoms: int = 0, coef_format: str = "fp8", refine_fraction: float = 0.0,
+                     refine_atoms: int = 0) -> tuple[list[int], list[int]]:
     """Per layer (s for keys, s per value chunk), for both runtimes. In order of precedence:
-    `sparsity` (CSR-s) or `sparsity_keys` / `sparsity_values`; a budget `code_bits_per_channel`, spent by
+    `sparsity` (CSR-s) or `sparsity_keys` / `sparsity_values`; a budget `code_bits_per_channel` for the codes,
+    refinement included (what `refine_fraction` of `refine_atoms` more atoms costs is taken off first), spent by
     `greedy_allocation` on the file's error curves (an atom costs the runtime's index bits, from the row
     dictionary's size, + its coefficient bits); the file's stored allocation; the sparsities the
     dictionaries were trained at."""
     keys, values = _resolve(dictionary, sparsity, sparsity_keys, sparsity_values, code_bits_per_channel, key_weight,
-                            index_bits, online_atoms, guard_atoms, coef_format)
+                            index_bits, online_atoms, guard_atoms, coef_format, refine_fraction, refine_atoms)
     check_sparsity(dictionary, keys, values, index_bits=index_bits, online_atoms=online_atoms, guard_atoms=guard_atoms,
                    coef_format=coef_format)
     return keys, values
 
 
 def _resolve(dictionary, sparsity, sparsity_keys, sparsity_values, code_bits_per_channel, key_weight, index_bits,
-             online_atoms, guard_atoms, coef_format):
+             online_atoms, guard_atoms, coef_format, refine_fraction, refine_atoms):
     if code_bits_per_channel is None:
         return dictionary.resolve_sparsity(sparsity, sparsity_keys, sparsity_values)
     if sparsity is not None or sparsity_keys is not None or sparsity_values is not None:
@@ -83,8 +95,15 @@ def _resolve(dictionary, sparsity, sparsity_keys, sparsity_values, code_bits_per
     atom_bits = {kind: row_index_bits(index_bits, max(a.shape[0] for a in dictionary.kind(kind).atoms), online_atoms,
                                       guard_atoms) + COEF_BITS[coef_format] for kind in KINDS}
     m = dictionary.model
-    allocation = greedy_allocation(curves, atom_bits, bits_per_channel=code_bits_per_channel, n_kv_heads=m.n_kv_heads,
-                                   head_dim=m.head_dim, s_n={kind: dictionary.kind(kind).s_n for kind in KINDS},
+    s_n = {kind: dictionary.kind(kind).s_n for kind in KINDS}
+    refinement = refinement_bits_per_channel(atom_bits, head_dim=m.head_dim, s_n=s_n, refine_fraction=refine_fraction,
+                                             refine_atoms=refine_atoms)
+    if refinement and code_bits_per_channel - refinement <= 0:
+        raise ValueError(f"code_bits_per_channel = {code_bits_per_channel} does not cover the refinement "
+                         f"({refinement:.3f} bits per channel at refine_fraction = {refine_fraction}, refine_atoms = "
+                         f"{refine_atoms}): raise the budget or lower the refinement")
+    allocation = greedy_allocation(curves, atom_bits, bits_per_channel=code_bits_per_channel - refinement,
+                                   n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, s_n=s_n,
                                    key_weight=key_weight,
                                    sensitivity={kind: dictionary.kind(kind).sensitivity for kind in KINDS})
     return allocation["keys"], allocation["values"]

@@ -22,5 +22,6 @@ def cache_settings(dictionary, *, method: str, online_sampling: str, index_bits:
     o["sparsity_keys"], o["sparsity_values"] = resolve_sparsity(
         dictionary, sparsity=o["sparsity"], sparsity_keys=o["sparsity_keys"], sparsity_values=o["sparsity_values"],
         code_bits_per_channel=o["code_bits_per_channel"], key_weight=o["key_weight"], index_bits=index_bits,
-        online_atoms=o["online_atoms"], guard_atoms=o["guard_atoms"], coef_format=o["coef_format"])
+        online_atoms=o["online_atoms"], guard_atoms=o["guard_atoms"], coef_format=o["coef_format"],
+        refine_fraction=o["refine_fraction"], refine_atoms=o["refine_atoms"])
     return o

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from csr_core import defaults
-from csr_core.allocation import greedy_allocation
+from csr_core.allocation import greedy_allocation, refinement_bits_per_channel
 from csr_core.code_layout import COEF_BITS, index_bits_for
 from csr_core.dictionary_file import KINDS, RUNTIME_KEYS, DictionaryFile, coding_space, load_dictionary, save_dictionary
 from csr_runtime.sparse_coding import sparse_encode, split_chunks
@@ -80,7 +80,8 @@ def allocate(
 
     Args:
         dictionary: the dictionary file (from `lightning fit`).
-        bits_per_channel: budget for the codes (indices + coefficients) of keys and values, averaged over layers.
+        bits_per_channel: budget for the codes (indices + coefficients) of keys and values, averaged over layers,
+            refinement included (the runtime's `refine_fraction` / `refine_atoms`: `runtime`'s, else csr_core.defaults).
         output: the new file (default: `<dictionary>-<bits>bit.safetensors` next to it).
         key_weight: exchange rate of key error against value error (choose on the validation split).
         max_sparsity: most atoms per chunk one layer may get.
@@ -119,8 +120,14 @@ def allocate(
     # one (index, coefficient) pair; int8's per-chunk scale is left out of the exchange rates
     atom_bits = {kind: index_bits_for(max(a.shape[0] for a in d.kind(kind).atoms) + extra) + COEF_BITS[coef_format]
                  for kind in KINDS}
-    allocation = greedy_allocation(curves, atom_bits, bits_per_channel=bits_per_channel, n_kv_heads=d.model.n_kv_heads,
-                                   head_dim=d.model.head_dim, s_n={kind: d.kind(kind).s_n for kind in KINDS},
+    s_n = {kind: d.kind(kind).s_n for kind in KINDS}
+    # the runtime's refinement (csr_core.allocation.resolve_sparsity) comes out of the same budget
+    refinement = refinement_bits_per_channel(
+        atom_bits, head_dim=d.model.head_dim, s_n=s_n,
+        refine_fraction=runtime.get("refine_fraction", defaults.REFINE_FRACTION),
+        refine_atoms=runtime.get("refine_atoms", defaults.REFINE_ATOMS))
+    allocation = greedy_allocation(curves, atom_bits, bits_per_channel=bits_per_channel - refinement,
+                                   n_kv_heads=d.model.n_kv_heads, head_dim=d.model.head_dim, s_n=s_n,
                                    key_weight=key_weight, sensitivity=sensitivity)
     provenance = {**d.provenance, "allocation": {"bits_per_channel": bits_per_channel, "key_weight": key_weight,
                                                  "online_atoms": online_atoms, "guard_atoms": guard_atoms,

@@ -123,3 +123,29 @@ def test_values_aggregated_as_codes_include_the_refinement():
     torch.testing.assert_close(codes, dense, atol=1e-5, rtol=0)
     plain_dense, _ = dense_and_codes(lm, ids, lambda: CSRCache(lm, random_dictionary(lm), sparsity=2, coding_batch=1), 16)
     assert not torch.allclose(plain_dense, dense, atol=1e-3)  # the refinement reached the logits
+
+
+def test_a_code_budget_covers_the_refinement(tmp_path):
+    import numpy as np
+
+    from csr_core.dictionary_file import save_dictionary
+
+    lm = tiny_llama(n_layers=2, kv_heads=H)
+    d = random_dictionary(lm)
+    k = np.arange(13)
+    d.keys.error_curve = np.stack([1.0 / (1 + 0.1 * k), 1.0 / (1 + 1.0 * k)])
+    d.values.error_curve = np.stack([1.0 / (1 + 2.0 * k), 1.0 / (1 + 0.5 * k)])
+    path = save_dictionary(tmp_path / "d.safetensors", d)
+    options = dict(code_bits_per_channel=3.0, sink_tokens=0, coding_batch=1, coef_format="fp8")
+    plain = CSRCache(lm, path, **options)
+    refined = CSRCache(lm, path, refine_fraction=0.25, refine_atoms=2, **options)
+    # 64 atoms: 6-bit indices + 8-bit fp8 = 14 bits an atom. Per vector: a flag bit + 0.25 · 2 atoms; keys are
+    # chunks of 16 channels, values of 8: (1 + 7) / 16 and (1 + 7) / 8 bits a channel, 0.75 on average
+    s = refined.settings
+    spent = sum(2 * 14 * k for k in s.sparsity_keys) + sum(2 * 2 * 14 * k for k in s.sparsity_values)
+    assert spent <= (3.0 - 0.75) * 2 * 2 * 2 * 16 < spent + 2 * 2 * 14 + 1
+    assert sum(s.sparsity_keys + s.sparsity_values) < sum(plain.settings.sparsity_keys + plain.settings.sparsity_values)
+    _prefill(lm, refined, torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(1)))
+    assert refined.bits_per_channel() <= 3.0 + 8 * 2 / (2 * 16)  # + at most a padding byte per code
+    with pytest.raises(ValueError, match="does not cover the refinement"):
+        CSRCache(lm, path, code_bits_per_channel=0.5, refine_fraction=0.25, refine_atoms=2)
