@@ -70,10 +70,13 @@ def main(argv=None) -> None:
         "DynamicCache (fp32)": (DynamicCache, "sdpa"),
         "KIVI-2": (lambda: KIVICache(lm.config.num_hidden_layers, bits=2), "sdpa"),
         f"CSR-{args.sparsity}, paper layout (int16 + fp16)": (lambda: CSRCache(
-            lm, args.dictionary, sparsity=args.sparsity, index_bits=16, coef_format="fp16", sink_tokens=0), "sdpa"),
+            lm, args.dictionary, sparsity=args.sparsity, index_bits=16, coef_format="fp16", sink_tokens=0,
+            refine_fraction=0), "sdpa"),
         f"CSR-{args.sparsity}, packed (defaults)": (lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), "sdpa"),
         f"CSR-{args.sparsity}, packed, every token coded at once (coding_batch=1)": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, coding_batch=1), "sdpa"),
+        f"CSR-{args.sparsity}, packed, no refinement (refine_fraction=0)": (
+            lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, refine_fraction=0.0), "sdpa"),
         f"CSR-{args.sparsity}, packed, values as codes": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), CSR_ATTENTION),
     }

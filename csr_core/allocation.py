@@ -102,8 +102,14 @@ def _resolve(dictionary, sparsity, sparsity_keys, sparsity_values, code_bits_per
         raise ValueError(f"code_bits_per_channel = {code_bits_per_channel} does not cover the refinement "
                          f"({refinement:.3f} bits per channel at refine_fraction = {refine_fraction}, refine_atoms = "
                          f"{refine_atoms}): raise the budget or lower the refinement")
-    allocation = greedy_allocation(curves, atom_bits, bits_per_channel=code_bits_per_channel - refinement,
-                                   n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, s_n=s_n,
-                                   key_weight=key_weight,
-                                   sensitivity={kind: dictionary.kind(kind).sensitivity for kind in KINDS})
+    try:
+        allocation = greedy_allocation(curves, atom_bits, bits_per_channel=code_bits_per_channel - refinement,
+                                       n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, s_n=s_n, key_weight=key_weight,
+                                       sensitivity={kind: dictionary.kind(kind).sensitivity for kind in KINDS})
+    except ValueError as e:
+        if not refinement:
+            raise
+        raise ValueError(f"{e} (code_bits_per_channel = {code_bits_per_channel} less {refinement:.3f} for the refinement "
+                         f"of refine_fraction = {refine_fraction} by refine_atoms = {refine_atoms}; refine_fraction=0 "
+                         f"turns it off)") from None
     return allocation["keys"], allocation["values"]

@@ -388,24 +388,26 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         return idx, coef
 
     def _refine(self, store: _KindStore, chunks, real, idx, coef, k) -> None:
-        """The worst-coded `refine_fraction` of this call's vectors of each row (largest squared residual in the
-        coding space, padding last) get `refine_atoms` more atoms: MP continued on their residual. Their codes
-        are stored apart, with one bit per coded vector saying which ones have them."""
+        """The worst-coded `refine_fraction` of this call's real vectors of each row (largest squared residual in the
+        coding space; padding never) get `refine_atoms` more atoms: MP continued on their residual. Their codes
+        are stored apart, each row's in the order of its vectors, with one bit per coded vector saying which."""
         s = self.settings
         if s.refine_fraction <= 0:
             return
         B, H, T, s_n, w = chunks.shape
         token_major = lambda t: t.transpose(1, 2).reshape(B, T * H * s_n, -1)  # (B, H, T, s_n, ·) → (B, n, ·)
         x, i_tm, c_tm = token_major(chunks), token_major(idx.view(B, H, T, s_n, k)), token_major(coef.view(B, H, T, s_n, k))
-        n, m = x.shape[1], round(s.refine_fraction * x.shape[1])
-        flags = torch.zeros(B, n, dtype=torch.bool, device=self.device)
+        flags = torch.zeros(B, x.shape[1], dtype=torch.bool, device=self.device)
         codes = []
         for b in range(B):
+            is_real = real[b].repeat_interleave(H * s_n)
+            m = round(s.refine_fraction * int(is_real.sum()))  # as the row alone would refine
             row = store.codebook.row(b)
             residual = x[b] - sparse_decode(i_tm[b], c_tm[b], row)
-            energy = residual.square().sum(-1).masked_fill(~real[b].repeat_interleave(H * s_n), -1.0)
+            energy = residual.square().sum(-1).masked_fill(~is_real, -1.0)
             worst = energy.topk(m).indices.sort().values  # stored in the order of the vectors
             flags[b, worst] = True
+            self.stats["vectors_refined"] += m
             if m == 0:
                 codes.append(torch.zeros(0, store.refine_layout.nbytes, dtype=torch.uint8, device=self.device))
                 continue
@@ -414,9 +416,12 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         before = self.n_coded * H * s_n
         old = unpack_bits(store.refine_mask, before) if store.refine_mask is not None else flags[:, :0]
         store.refine_mask = pack_bits(torch.cat([old, flags], dim=1))
-        codes = torch.stack(codes)
-        store.refine_codes = codes if store.refine_codes is None else torch.cat([store.refine_codes, codes], dim=1)
-        self.stats["vectors_refined"] += B * m
+        held = old.sum(1).tolist()  # each row's codes so far: rows of a left-padded batch may hold different counts
+        rows = [torch.cat([store.refine_codes[b, : held[b]], codes[b]]) if held[b] else codes[b] for b in range(B)]
+        store.refine_codes = torch.zeros(B, max(len(r) for r in rows), store.refine_layout.nbytes, dtype=torch.uint8,
+                                         device=self.device)
+        for b, r in enumerate(rows):
+            store.refine_codes[b, : len(r)] = r
 
     # -- decoding ---------------------------------------------------------------------------------
     def _assemble(self, kind: str, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -653,7 +658,8 @@ class CSRCache(Cache):
 
     def nominal_bits_per_channel(self) -> float:
         """The packed codes alone, keys and values averaged, no atoms, sinks or window: one token's bytes
-        · 8 / (KV heads · d_h). With the paper's layout (16-bit indices, fp16) this is 32 · s · s_n / d_h."""
+        · 8 / (KV heads · d_h), + the refinement's expected bits (a flag per vector, refine_fraction · refine_atoms
+        atoms). With the paper's layout (16-bit indices, fp16) and no refinement this is 32 · s · s_n / d_h."""
         fp, s = self.fingerprint, self.settings
         bits = 0
         for layer in self._coded:
@@ -661,6 +667,9 @@ class CSRCache(Cache):
             for kind, k, s_n in (("keys", s.sparsity_keys[l], 1), ("values", s.sparsity_values[l], s.s_n_values)):
                 layout = CodeLayout(groups=fp.n_kv_heads * s_n, k=k, index_bits=layer.index_bits[kind], coef_format=s.coef_format)
                 bits += layout.nbytes * 8
+                if s.refine_fraction > 0:
+                    atom = CodeLayout(groups=1, k=s.refine_atoms, index_bits=layer.index_bits[kind], coef_format=s.coef_format)
+                    bits += layout.groups * (1 + s.refine_fraction * atom.nbytes * 8)
         return bits / (2 * fp.n_kv_heads * fp.head_dim * len(self._coded))
 
     def stats(self) -> dict[str, int]:

@@ -86,7 +86,8 @@ def test_a_cache_spends_a_code_budget_with_the_files_error_curves(tmp_path):
     d.keys.error_curve = np.stack([1.0 / (1 + 0.1 * k), 1.0 / (1 + 1.0 * k)])
     d.values.error_curve = np.stack([1.0 / (1 + 2.0 * k), 1.0 / (1 + 0.5 * k)])
     path = save_dictionary(tmp_path / "d.safetensors", d)
-    cache = CSRCache(lm, path, code_bits_per_channel=2.0, online_atoms=0, guard_atoms=0, coef_format="fp8")
+    cache = CSRCache(lm, path, code_bits_per_channel=2.0, online_atoms=0, guard_atoms=0, coef_format="fp8",
+                     refine_fraction=0)  # the budget covers the refinement: tests/test_refine.py
     # 64 atoms: 6-bit indices + 8-bit fp8 = 14 bits a pair; a key atom costs 2 heads · 14 bits, a value atom 2 · 2 · 14
     s = cache.settings
     spent = sum(2 * 14 * k for k in s.sparsity_keys) + sum(2 * 2 * 14 * k for k in s.sparsity_values)
@@ -94,10 +95,13 @@ def test_a_cache_spends_a_code_budget_with_the_files_error_curves(tmp_path):
     assert min(s.sparsity_keys + s.sparsity_values) >= 1
     assert cache.nominal_bits_per_channel() <= 2.0 + 8 * 2 / (2 * 2 * 16)  # + at most a padding byte per code
     assert s.sparsity_keys[1] >= s.sparsity_keys[0]  # layer 1's keys gain more per atom
-    mlx_cache = make_csr_cache(tiny_mlx_llama(), str(path), code_bits_per_channel=2.0, online_atoms=0, guard_atoms=0)
+    mlx_cache = make_csr_cache(tiny_mlx_llama(), str(path), code_bits_per_channel=2.0, online_atoms=0, guard_atoms=0,
+                               refine_fraction=0)
     assert mlx_cache[0].settings.sparsity_keys == s.sparsity_keys  # both runtimes allocate alike
     with pytest.raises(ValueError, match="cannot give every layer one atom per chunk"):
-        CSRCache(lm, path, code_bits_per_channel=1.0)  # one atom everywhere takes 1.31 bits here
+        CSRCache(lm, path, code_bits_per_channel=1.0, refine_fraction=0)  # one atom everywhere takes 1.31 bits here
+    with pytest.raises(ValueError, match="cannot give every layer one atom.*less 1.125 for the refinement"):
+        CSRCache(lm, path, code_bits_per_channel=1.5)  # default refinement: (1 + 0.25 · 4 · 11) / 16 and / 8 bits, 1.125 on average
     with pytest.raises(ValueError, match="no error curves"):
         CSRCache(lm, random_dictionary(lm), code_bits_per_channel=1.0)
     with pytest.raises(ValueError, match="not both"):

@@ -102,7 +102,7 @@ def test_generate_with_csr_cache_matches_dynamic_cache_when_exact():
 def test_memory_bytes_counts_every_held_tensor_and_matches_the_packed_formula(coef_format, coef_bits, scale_bits):
     lm = tiny_llama(n_layers=2, kv_heads=2)
     cache = CSRCache(lm, random_dictionary(lm), sparsity_keys=4, sparsity_values=2, online_atoms=6, guard_atoms=0, window=3,
-                     sink_tokens=2, coef_format=coef_format)
+                     sink_tokens=2, coef_format=coef_format, refine_fraction=0)  # refinement's bytes: test_refine.py
     B, T = 2, 17
     with torch.no_grad():
         lm(torch.randint(0, 128, (B, T)), past_key_values=cache)
@@ -122,7 +122,8 @@ def test_memory_bytes_counts_every_held_tensor_and_matches_the_packed_formula(co
 
 def test_bits_per_channel_of_codes_alone_is_32_s_sn_over_dh():
     lm = tiny_llama(n_layers=2, kv_heads=2)
-    cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0, **PAPER_LAYOUT)
+    cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0, refine_fraction=0,
+                     **PAPER_LAYOUT)
     assert (cache.settings.sparsity_keys, cache.settings.sparsity_values) == ([4, 4], [2, 2])
     with torch.no_grad():
         lm(torch.randint(0, 128, (1, 300)), past_key_values=cache)
@@ -224,7 +225,8 @@ def test_packed_codes_take_fewer_bytes_than_the_papers_layout_and_stay_close():
         lm(ids, past_key_values=exact)
     for name, layout in (("paper", PAPER_LAYOUT), ("fp8", {"coef_format": "fp8"}), ("int8", {"coef_format": "int8"}),
                          ("e3m1", {})):  # e3m1: the default
-        cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0, **layout)
+        cache = CSRCache(lm, random_dictionary(lm), sparsity=4, online_atoms=0, guard_atoms=0, sink_tokens=0,
+                         refine_fraction=0, **layout)
         with torch.no_grad():
             lm(ids, past_key_values=cache)
         sizes[name] = cache.memory_bytes() - 2 * 8 - 2 * 2 * 4  # n_pad and the rows' coefficient scales aside
@@ -257,7 +259,7 @@ def test_generate_with_csr_cache_on_real_smollm2(smollm2, smollm2_kmeans_diction
               "Madrid is the capital of Spain. The capital of France is")
     ids = tokenizer(prompt, return_tensors="pt")
     cache = CSRCache(lm, smollm2_kmeans_dictionary, sparsity=8, online_atoms=0, guard_atoms=0,  # offline atoms only
-                     sink_tokens=0, coding_batch=1, **PAPER_LAYOUT)
+                     sink_tokens=0, coding_batch=1, refine_fraction=0, **PAPER_LAYOUT)  # the paper's CSR-8
     out = lm.generate(**ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert cache.layers[0].n_coded == ids["input_ids"].shape[1] + 3  # every token but the last is held as codes

@@ -409,8 +409,8 @@ def test_refined_vectors_decode_as_their_longer_mp_codes_and_survive_trim_and_sa
     d = _lossy_dictionary(model)
     options = dict(sparsity=2, sink_tokens=0, coding_batch=1)
     refined = make_csr_cache(model, d, refine_fraction=0.3, refine_atoms=2, **options)
-    plain = make_csr_cache(model, d, **options)
-    longer = make_csr_cache(model, d, sparsity=4, sink_tokens=0, coding_batch=1)
+    plain = make_csr_cache(model, d, refine_fraction=0, **options)
+    longer = make_csr_cache(model, d, sparsity=4, sink_tokens=0, coding_batch=1, refine_fraction=0)
     ids = mx.array(np.random.default_rng(7).integers(0, 128, (1, 20)))
     for cache in (refined, plain, longer):
         model(ids[:, :16], cache=cache)

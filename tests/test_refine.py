@@ -32,8 +32,8 @@ def test_refined_vectors_are_the_worst_coded_and_decode_as_their_longer_mp_codes
     options = dict(sink_tokens=0, coding_batch=1, coef_format=coef_format)
     refined = _prefill(lm, CSRCache(lm, dictionary, sparsity_keys=2, sparsity_values=2, refine_fraction=0.25,
                                     refine_atoms=2, **options), ids)
-    plain = _prefill(lm, CSRCache(lm, dictionary, sparsity_keys=2, sparsity_values=2, **options), ids)
-    longer = _prefill(lm, CSRCache(lm, dictionary, sparsity_keys=4, sparsity_values=2, **options), ids)
+    plain = _prefill(lm, CSRCache(lm, dictionary, sparsity_keys=2, sparsity_values=2, refine_fraction=0, **options), ids)
+    longer = _prefill(lm, CSRCache(lm, dictionary, sparsity_keys=4, sparsity_values=2, refine_fraction=0, **options), ids)
     reference = _prefill(lm, DynamicCache(), ids)
     keys, plain_keys, longer_keys = (c.layers[1].read_back()[0] for c in (refined, plain, longer))
     exact = reference.layers[1].keys
@@ -57,7 +57,7 @@ def test_memory_bytes_count_the_refinement_bits_and_codes():
     dictionary = random_dictionary(lm)  # 64 atoms: 6-bit indices
     options = dict(sparsity_keys=2, sparsity_values=1, sink_tokens=0, coding_batch=8, coef_format="fp8")
     refined = _prefill(lm, CSRCache(lm, dictionary, refine_fraction=0.3, refine_atoms=3, **options), ids)
-    plain = _prefill(lm, CSRCache(lm, dictionary, **options), ids)
+    plain = _prefill(lm, CSRCache(lm, dictionary, refine_fraction=0, **options), ids)
     one_code = math.ceil(3 * 6 / 8) + 3  # 3 packed 6-bit indices, 3 fp8 coefficients
     extra = 0
     for vectors in (H * T, H * 2 * T):  # keys: H per token; values: H × 2 chunks per token
@@ -121,7 +121,8 @@ def test_values_aggregated_as_codes_include_the_refinement():
     make = lambda: CSRCache(lm, random_dictionary(lm), sparsity=2, refine_fraction=0.3, refine_atoms=2, coding_batch=1)
     dense, codes = dense_and_codes(lm, ids, make, prefill=16)
     torch.testing.assert_close(codes, dense, atol=1e-5, rtol=0)
-    plain_dense, _ = dense_and_codes(lm, ids, lambda: CSRCache(lm, random_dictionary(lm), sparsity=2, coding_batch=1), 16)
+    plain_dense, _ = dense_and_codes(lm, ids, lambda: CSRCache(lm, random_dictionary(lm), sparsity=2, coding_batch=1,
+                                                               refine_fraction=0), 16)
     assert not torch.allclose(plain_dense, dense, atol=1e-3)  # the refinement reached the logits
 
 
@@ -137,7 +138,7 @@ def test_a_code_budget_covers_the_refinement(tmp_path):
     d.values.error_curve = np.stack([1.0 / (1 + 2.0 * k), 1.0 / (1 + 0.5 * k)])
     path = save_dictionary(tmp_path / "d.safetensors", d)
     options = dict(code_bits_per_channel=3.0, sink_tokens=0, coding_batch=1, coef_format="fp8")
-    plain = CSRCache(lm, path, **options)
+    plain = CSRCache(lm, path, refine_fraction=0, **options)
     refined = CSRCache(lm, path, refine_fraction=0.25, refine_atoms=2, **options)
     # 64 atoms: 6-bit indices + 8-bit fp8 = 14 bits an atom. Per vector: a flag bit + 0.25 · 2 atoms; keys are
     # chunks of 16 channels, values of 8: (1 + 7) / 16 and (1 + 7) / 8 bits a channel, 0.75 on average
@@ -147,5 +148,7 @@ def test_a_code_budget_covers_the_refinement(tmp_path):
     assert sum(s.sparsity_keys + s.sparsity_values) < sum(plain.settings.sparsity_keys + plain.settings.sparsity_values)
     _prefill(lm, refined, torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(1)))
     assert refined.bits_per_channel() <= 3.0 + 8 * 2 / (2 * 16)  # + at most a padding byte per code
+    # the nominal rate counts the refinement's expected bits: 0.25 · 400 vectors of each kind and head are refined
+    assert abs(refined.bits_per_channel() / refined.nominal_bits_per_channel() - 1) < 0.01
     with pytest.raises(ValueError, match="does not cover the refinement"):
         CSRCache(lm, path, code_bits_per_channel=0.5, refine_fraction=0.25, refine_atoms=2)
