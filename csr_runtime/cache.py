@@ -508,13 +508,16 @@ def _has_refinement(store: _KindStore) -> bool:
 def _refinement(store: _KindStore, vectors: int):
     """Row b's refinement codes, unpacked, with where they go: (rows, vectors) of the refined vectors, and the
     flat position of each one's code in (B · R, e) idx / coef (row-local indices)."""
-    R = store.refine_codes.shape[1]
+    B, R = store.refine_codes.shape[:2]
     r_idx, r_coef = unpack_codes(store.refine_codes.flatten(0, 1), store.refine_layout, scale=store.scales_for(R))
     flags = unpack_bits(store.refine_mask, vectors)  # (B, vectors)
-    rank = flags.cumsum(1) - 1  # each refined vector's place among its row's refinement codes
     rows, where = flags.nonzero(as_tuple=True)
-    return r_idx.view(-1, R, store.refine_layout.k), r_coef.view(-1, R, store.refine_layout.k), rows, where, \
-        rows * R + rank[rows, where]
+    if B == 1 and len(where) == R:  # every code in use, in the order of the vectors: no lookup
+        code = torch.arange(R, device=where.device)
+    else:
+        rank = flags.cumsum(1) - 1  # each refined vector's place among its row's refinement codes
+        code = rows * R + rank[rows, where]
+    return r_idx.view(B, R, -1), r_coef.view(B, R, -1), rows, where, code
 
 
 def _add_refinement(store: _KindStore, flat: torch.Tensor, table: torch.Tensor) -> None:
@@ -522,8 +525,10 @@ def _add_refinement(store: _KindStore, flat: torch.Tensor, table: torch.Tensor) 
     the refined vectors' atoms only)."""
     B = store.refine_codes.shape[0]
     r_idx, r_coef, rows, where, code = _refinement(store, flat.shape[0] // B)
-    r_idx = store.codebook.batch_index(r_idx).flatten(0, 1)[code]
-    flat.index_add_(0, rows * (flat.shape[0] // B) + where, sparse_decode(r_idx, r_coef.flatten(0, 1)[code], table))
+    r_idx, r_coef = store.codebook.batch_index(r_idx).flatten(0, 1), r_coef.flatten(0, 1)
+    if len(code) < len(r_idx):  # rows hold unused slots (left padding, a crop): only the codes in use
+        r_idx, r_coef = r_idx[code], r_coef[code]
+    flat.index_add_(0, rows * (flat.shape[0] // B) + where, sparse_decode(r_idx, r_coef, table))
 
 
 def _with_refinement(store: _KindStore, idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
