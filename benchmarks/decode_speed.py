@@ -77,6 +77,8 @@ def main(argv=None) -> None:
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, coding_batch=1), "sdpa"),
         f"CSR-{args.sparsity}, packed, no refinement (refine_fraction=0)": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, refine_fraction=0.0), "sdpa"),
+        "CSR, 1-bit budget (defaults; CSR-4's bits)": (
+            lambda: CSRCache(lm, args.dictionary, code_bits_per_channel=1.0), "sdpa"),
         f"CSR-{args.sparsity}, packed, values as codes": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), CSR_ATTENTION),
     }
