@@ -109,7 +109,7 @@ def _resolve(dictionary, sparsity, sparsity_keys, sparsity_values, code_bits_per
     except ValueError as e:
         if not refinement:
             raise
-        raise ValueError(f"{e} (code_bits_per_channel = {code_bits_per_channel} less {refinement:.3f} for the refinement "
-                         f"of refine_fraction = {refine_fraction} by refine_atoms = {refine_atoms}; refine_fraction=0 "
+        raise ValueError(f"{e} (code_bits_per_channel = {code_bits_per_channel} less {refinement:.3f} for the "
+                         f"refinement of refine_fraction = {refine_fraction} by refine_atoms = {refine_atoms}; refine_fraction=0 "
                          f"turns it off)") from None
     return allocation["keys"], allocation["values"]

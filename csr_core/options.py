@@ -13,7 +13,8 @@ SAMPLINGS = ("reverse", "uniform")
 SPARSITY_OPTIONS = ("sparsity", "sparsity_keys", "sparsity_values", "code_bits_per_channel")
 DEFAULTS = {"key_weight": defaults.KEY_WEIGHT, "online_atoms": defaults.ONLINE_ATOMS, "guard_atoms": defaults.GUARD_ATOMS,
             "guard_threshold": defaults.GUARD_THRESHOLD, "window": defaults.WINDOW, "coding_batch": defaults.CODING_BATCH,
-            "refine_fraction": defaults.REFINE_FRACTION, "refine_atoms": defaults.REFINE_ATOMS, "sink_tokens": defaults.SINK_TOKENS, "coef_format": defaults.COEF_FORMAT}
+            "refine_fraction": defaults.REFINE_FRACTION, "refine_atoms": defaults.REFINE_ATOMS,
+            "sink_tokens": defaults.SINK_TOKENS, "coef_format": defaults.COEF_FORMAT}
 
 
 def with_file_settings(given: dict, runtime: dict | None) -> dict:
@@ -36,7 +37,8 @@ def _count(name: str, value) -> None:
 
 
 def check_cache_options(*, method: str, online_atoms: int, online_sampling: str, guard_atoms: int,
-                        guard_threshold: float, window: int, coding_batch: int, refine_fraction: float, refine_atoms: int, sink_tokens: int,
+                        guard_threshold: float, window: int, coding_batch: int, refine_fraction: float,
+                        refine_atoms: int, sink_tokens: int,
                         index_bits: int | None, coef_format: str, code_bits_per_channel: float | None) -> None:
     """ValueError naming the first option out of range."""
     if method not in METHODS:

@@ -14,7 +14,8 @@ SETTING_FIELDS = ("method", "online_atoms", "online_sampling", "guard_atoms", "g
 
 def cache_settings(dictionary, *, method: str, online_sampling: str, index_bits: int | None, **given) -> dict:
     """`given`: sparsity, sparsity_keys, sparsity_values, code_bits_per_channel, key_weight, online_atoms,
-    guard_atoms, guard_threshold, window, coding_batch, refine_fraction, refine_atoms, sink_tokens, coef_format. Returns them resolved, with
+    guard_atoms, guard_threshold, window, coding_batch, refine_fraction, refine_atoms, sink_tokens, coef_format.
+    Returns them resolved, with
     `sparsity_keys` / `sparsity_values` as per-layer lists, and the three fixed options."""
     o = with_file_settings(given, dictionary.runtime)
     o.update(method=method, online_sampling=online_sampling, index_bits=index_bits)

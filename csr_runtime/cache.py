@@ -396,7 +396,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             return
         B, H, T, s_n, w = chunks.shape
         token_major = lambda t: t.transpose(1, 2).reshape(B, T * H * s_n, -1)  # (B, H, T, s_n, ·) → (B, n, ·)
-        x, i_tm, c_tm = token_major(chunks), token_major(idx.view(B, H, T, s_n, k)), token_major(coef.view(B, H, T, s_n, k))
+        x = token_major(chunks)
+        i_tm, c_tm = token_major(idx.view(B, H, T, s_n, k)), token_major(coef.view(B, H, T, s_n, k))
         flags = torch.zeros(B, x.shape[1], dtype=torch.bool, device=self.device)
         codes = []
         for b in range(B):
