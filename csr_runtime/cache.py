@@ -506,42 +506,38 @@ def _has_refinement(store: _KindStore) -> bool:
     return store.refine_codes is not None and store.refine_codes.shape[1] > 0
 
 
-def _refinement(store: _KindStore, vectors: int):
-    """Row b's refinement codes, unpacked, with where they go: (rows, vectors) of the refined vectors, and the
-    flat position of each one's code in (B · R, e) idx / coef (row-local indices)."""
+def _refinement(store: _KindStore, vectors: int, *, batch_table: bool):
+    """The refinement codes of the refined vectors, in the order of (rows, where) — their rows and token-major
+    vector positions: idx (m, e) pointing into `codebook.batch_table()` or, without `batch_table`, into each row's
+    own atoms; coef (m, e)."""
     B, R = store.refine_codes.shape[:2]
     r_idx, r_coef = unpack_codes(store.refine_codes.flatten(0, 1), store.refine_layout, scale=store.scales_for(R))
+    r_idx = store.codebook.batch_index(r_idx.view(B, R, -1)) if batch_table else r_idx.view(B, R, -1)
+    r_idx, r_coef = r_idx.flatten(0, 1), r_coef.view(B * R, -1)
     flags = unpack_bits(store.refine_mask, vectors)  # (B, vectors)
     rows, where = flags.nonzero(as_tuple=True)
-    if B == 1 and len(where) == R:  # every code in use, in the order of the vectors: no lookup
-        code = torch.arange(R, device=where.device)
-    else:
-        rank = flags.cumsum(1) - 1  # each refined vector's place among its row's refinement codes
-        code = rows * R + rank[rows, where]
-    return r_idx.view(B, R, -1), r_coef.view(B, R, -1), rows, where, code
+    if len(where) < B * R:  # rows hold unused slots (left padding, a crop): look each vector's code up
+        code = rows * R + (flags.cumsum(1) - 1)[rows, where]  # its row's slot + its place among the row's codes
+        r_idx, r_coef = r_idx[code], r_coef[code]
+    return r_idx, r_coef, rows, where  # (every slot in use: code i is refined vector i's)
 
 
 def _add_refinement(store: _KindStore, flat: torch.Tensor, table: torch.Tensor) -> None:
     """flat: (B · vectors, w) decoded vectors (token-major): each refined one gets its extra atoms added (a gather of
-    the refined vectors' atoms only)."""
-    B = store.refine_codes.shape[0]
-    r_idx, r_coef, rows, where, code = _refinement(store, flat.shape[0] // B)
-    r_idx, r_coef = store.codebook.batch_index(r_idx).flatten(0, 1), r_coef.flatten(0, 1)
-    if len(code) < len(r_idx):  # rows hold unused slots (left padding, a crop): only the codes in use
-        r_idx, r_coef = r_idx[code], r_coef[code]
-    flat.index_add_(0, rows * (flat.shape[0] // B) + where, sparse_decode(r_idx, r_coef, table))
+    the refined vectors' atoms only). `table` is `codebook.batch_table()`."""
+    vectors = flat.shape[0] // store.refine_codes.shape[0]
+    r_idx, r_coef, rows, where = _refinement(store, vectors, batch_table=True)
+    flat.index_add_(0, rows * vectors + where, sparse_decode(r_idx, r_coef, table))
 
 
 def _with_refinement(store: _KindStore, idx: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """idx, coef: (B, n, H, s_n, k) → (B, n, H, s_n, k + e): each refined vector's e extra atoms appended, the other
-    vectors' extra slots empty (atom 0, coefficient 0), so one gather decodes both."""
+    """idx, coef: (B, n, H, s_n, k) → (B, n, H, s_n, k + e), row-local indices: each refined vector's e extra atoms
+    appended, the other vectors' extra slots empty (atom 0, coefficient 0), so one gather decodes both."""
     B, n, H, s_n, k = idx.shape
-    e = store.refine_layout.k
-    r_idx, r_coef, rows, where, code = _refinement(store, n * H * s_n)
-    extra_idx = idx.new_zeros(B * n * H * s_n, e)
-    extra_coef = coef.new_zeros(B * n * H * s_n, e)
-    extra_idx[rows * (n * H * s_n) + where] = r_idx.flatten(0, 1)[code]
-    extra_coef[rows * (n * H * s_n) + where] = r_coef.flatten(0, 1)[code]
+    e, vectors = store.refine_layout.k, n * H * s_n
+    r_idx, r_coef, rows, where = _refinement(store, vectors, batch_table=False)
+    extra_idx, extra_coef = idx.new_zeros(B * vectors, e), coef.new_zeros(B * vectors, e)
+    extra_idx[rows * vectors + where], extra_coef[rows * vectors + where] = r_idx.to(idx.dtype), r_coef
     shape = (B, n, H, s_n, e)
     return torch.cat([idx, extra_idx.view(shape)], -1), torch.cat([coef, extra_coef.view(shape)], -1)
 
