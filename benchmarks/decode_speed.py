@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import statistics
 import time
 from pathlib import Path
@@ -61,6 +62,11 @@ def time_decode(lm, token, cache, steps: int) -> tuple[float, torch.Tensor]:
     return steps / (time.perf_counter() - started), token
 
 
+def _decode_path(method: str) -> None:
+    """The fused CPU decode kernel for every CSR method but the one named for the torch path."""
+    os.environ["CSR_NATIVE_DECODE"] = "0" if "CSR_NATIVE_DECODE=0" in method else "1"
+
+
 def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
     torch.manual_seed(0)
@@ -73,6 +79,8 @@ def main(argv=None) -> None:
             lm, args.dictionary, sparsity=args.sparsity, index_bits=16, coef_format="fp16", sink_tokens=0,
             refine_fraction=0), "sdpa"),
         f"CSR-{args.sparsity}, packed (defaults)": (lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), "sdpa"),
+        f"CSR-{args.sparsity}, packed (defaults), torch decode path (CSR_NATIVE_DECODE=0)": (
+            lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), "sdpa"),
         f"CSR-{args.sparsity}, packed, every token coded at once (coding_batch=1)": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, coding_batch=1), "sdpa"),
         f"CSR-{args.sparsity}, packed, no refinement (refine_fraction=0)": (
@@ -90,6 +98,7 @@ def main(argv=None) -> None:
         state = {}  # method → [cache, next token, prefill s, tokens/s of each round]
         for name, (make, implementation) in methods.items():
             lm.set_attn_implementation(implementation)
+            _decode_path(name)
             warm = make()  # warm-up: a short prefill and two steps
             time_decode(lm, time_prefill(lm, ids[:, :64], warm)[1], warm, 2)
             cache = make()
@@ -98,6 +107,7 @@ def main(argv=None) -> None:
         for _ in range(args.rounds):  # the methods take turns, so a slow spell of the machine hits them all
             for name, (_, implementation) in methods.items():
                 lm.set_attn_implementation(implementation)
+                _decode_path(name)
                 tps, state[name][1] = time_decode(lm, state[name][1], state[name][0], args.steps)
                 state[name][3].append(tps)
         base_name = next(iter(methods))
@@ -111,6 +121,7 @@ def main(argv=None) -> None:
             print(rows[-1], flush=True)
         del state
     lm.set_attn_implementation("sdpa")
+    os.environ.pop("CSR_NATIVE_DECODE", None)
     # MP coding throughput on real keys of layer 15 (pre-RoPE), the file's dictionary (the default: no extra atoms).
     from csr_core.dictionary_file import load_dictionary
     from neuraldict.collect import capture_kv

@@ -59,6 +59,7 @@ from csr_runtime.code_packing import (
     unpack_bits,
     unpack_codes,
 )
+from csr_runtime import native_decode
 from csr_runtime.codebook import Codebook, Sampling
 from csr_runtime.metric import apply as whiten_heads
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
@@ -434,6 +435,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         if n == 0:
             return torch.cat([sinks, window, new], dim=-2)
         store = self.stores[kind]
+        out = self._step_buffer(kind, (B, H, sinks.shape[-2] + n + window.shape[-2] + T, d), new.dtype)
+        coded_end = sinks.shape[-2] + n
+        if self._decode_natively(kind, store, out[:, :, sinks.shape[-2] : coded_end]):
+            out[:, :, : sinks.shape[-2]] = sinks
+            out[:, :, coded_end : coded_end + window.shape[-2]] = window
+            out[:, :, coded_end + window.shape[-2] :] = new
+            return out
         s_n = 1 if kind == "keys" else self.settings.s_n_values
         idx, coef = self._unpacked(store, H, s_n, token_major=True, refined=False)  # in the codes' order, read transposed
         table = store.codebook.batch_table()
@@ -450,8 +458,20 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             x += store.center[None, :, None, :]
         if kind == "keys":  # coded before RoPE: rotate to the positions of the coded tokens
             x = rotate_into(self._step_buffer("rotated", x.shape, x.dtype), x, *self._coded_cos_sin())
-        out = self._step_buffer(kind, (B, H, sinks.shape[-2] + n + window.shape[-2] + T, d), new.dtype)
         return torch.cat([sinks, x.to(new.dtype), window, new], dim=-2, out=out)
+
+    def _decode_natively(self, kind: str, store: _KindStore, coded: torch.Tensor) -> bool:
+        """Decode the codes (with refinement, centre and, for keys, RoPE) straight into `coded`, the coded slots of
+        the step's buffer, with the fused CPU kernel (`native_decode`); False where it does not apply (whitened
+        codes, CUDA, half-precision buffers, `CSR_NATIVE_DECODE=0`): the caller takes the torch path."""
+        if store.unwhiten is not None or coded.device.type != "cpu" or coded.dtype != torch.float32:
+            return False
+        codebook = store.codebook
+        cos, sin = self._coded_cos_sin() if kind == "keys" else (None, None)
+        return native_decode.decode_into(
+            coded, store.codes, store.layout, store.scale, codebook.batch_table(), codebook.offline.shape[0],
+            0 if codebook.extra is None else codebook.extra.shape[1], refine_mask=store.refine_mask,
+            refine_codes=store.refine_codes, refine_layout=store.refine_layout, center=store.center, cos=cos, sin=sin)
 
     def _step_buffer(self, name: str, shape, dtype) -> torch.Tensor:
         """A tensor every layer of a step may use for `name` in turn: what `update` returns is read by the layer's

@@ -1,0 +1,105 @@
+"""The fused CPU decode kernel (`csr_runtime.native_decode`) against the torch path it replaces."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from csr_core.dictionary_file import DictionaryFile, KindDictionaries
+from csr_core.models import model_fingerprint
+from csr_runtime import native_decode
+from csr_runtime.cache import CSRCache
+from tests.conftest import tiny_llama
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler: the runtime takes the torch path (tested everywhere else)")
+
+
+def _dictionary(lm, head_dim, n_atoms=96):
+    rng = np.random.default_rng(0)
+    unit = lambda n, d: (a := rng.standard_normal((n, d)).astype(np.float32)) / np.linalg.norm(a, axis=1, keepdims=True)
+    fp = model_fingerprint(lm, "tiny")
+    center = lambda: rng.standard_normal((2, 2, head_dim)).astype(np.float32) * 0.3  # (layers, KV heads, d_h)
+    return DictionaryFile(fp, KindDictionaries(1, 4, [0, 0], [unit(n_atoms, head_dim)], center=center()),
+                          KindDictionaries(2, 2, [0, 0], [unit(n_atoms, head_dim // 2)], center=center()))
+
+
+def _left_padded_cache(lm, dictionary, steps=11, **options):
+    """A batch of two rows, the second left-padded by 5, after a prefill and `steps` greedy decode steps."""
+    ids = torch.randint(1, 128, (2, 21), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    cache = CSRCache(lm, dictionary, **options)
+    with torch.no_grad():
+        lm.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                    pad_token_id=0, cache=cache)
+    return cache
+
+
+def _read_back_both_ways(cache, monkeypatch):
+    native = [layer.read_back() for layer in cache.layers]
+    monkeypatch.setenv("CSR_NATIVE_DECODE", "0")
+    reference = [layer.read_back() for layer in cache.layers]
+    monkeypatch.delenv("CSR_NATIVE_DECODE")
+    return native, reference
+
+
+@needs_compiler
+@pytest.mark.parametrize("head_dim", [16, 64])  # 64: the kernel's unrolled path
+@pytest.mark.parametrize("layout", [dict(coef_format="e3m1"), dict(coef_format="fp8"), dict(coef_format="int8"),
+                                    dict(coef_format="fp16", index_bits=16)])
+def test_kernel_reads_back_what_the_torch_path_reads(layout, head_dim, monkeypatch):
+    assert native_decode.available(), "a C compiler is on PATH but the kernel did not build: see the warning"
+    lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=head_dim)
+    # refinement, online and guard atoms (row-local indices past the offline ones), sinks, centres
+    cache = _left_padded_cache(lm, _dictionary(lm, head_dim), sparsity_keys=3, sparsity_values=2, refine_fraction=0.3,
+                               refine_atoms=2, online_atoms=8, guard_atoms=8, guard_threshold=0.05, sink_tokens=2,
+                               window=3, coding_batch=4, **layout)
+    stats = cache.stats()
+    assert stats["vectors_refined"] > 0 and stats["guard_atoms"] > 0
+    native, reference = _read_back_both_ways(cache, monkeypatch)
+    for (keys, values), (ref_keys, ref_values) in zip(native, reference):
+        torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
+
+
+@needs_compiler
+def test_generation_with_the_kernel_equals_the_torch_path(monkeypatch):
+    lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=64)
+    dictionary = _dictionary(lm, 64)
+    ids = torch.randint(1, 128, (1, 30), generator=torch.Generator().manual_seed(2))
+    run = lambda: lm.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                              cache=CSRCache(lm, dictionary, window=2, coding_batch=2))
+    with torch.no_grad():
+        native = run()
+        monkeypatch.setenv("CSR_NATIVE_DECODE", "0")
+        reference = run()
+    assert torch.equal(native, reference)
+
+
+@needs_compiler
+def test_codes_past_the_table_are_refused():
+    from csr_core.code_layout import CodeLayout
+    from csr_runtime.code_packing import pack_codes
+
+    layout = CodeLayout(groups=1, k=2, index_bits=8, coef_format="fp8")
+    codes = pack_codes(torch.tensor([[[3, 200]]]), torch.ones(1, 1, 2), layout).view(1, 1, -1)
+    table = torch.nn.functional.normalize(torch.randn(10, 16), dim=-1)
+    out = torch.empty(1, 1, 1, 16)
+    with pytest.raises(ValueError, match="past the 10 atoms"):
+        native_decode.decode_into(out, codes, layout, torch.ones(1), table, n_offline=10, slots=0)
+    good = pack_codes(torch.tensor([[[3, 7]]]), torch.tensor([[[0.5, -0.25]]]), layout).view(1, 1, -1)
+    assert native_decode.decode_into(out, good, layout, torch.ones(1), table, n_offline=10, slots=0)
+    torch.testing.assert_close(out[0, 0, 0], 0.5 * table[3] - 0.25 * table[7])
+
+
+def test_without_a_compiler_the_runtime_warns_and_takes_the_torch_path(monkeypatch):
+    monkeypatch.setattr(native_decode, "_library", None)
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert not native_decode.available()
+    lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=16)
+    cache = _left_padded_cache(lm, _dictionary(lm, 16), steps=3, window=2, coding_batch=2)
+    assert cache.layers[0].read_back()[0].isfinite().all()
+    monkeypatch.setattr(native_decode, "_library", None)  # the next test builds (or loads) it again
