@@ -133,6 +133,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         # shared by the layers of a step: cos/sin of the coded positions (the same for every layer: the first layer
         # of a step computes them) and the step buffers; the last layer frees them (nothing is held between steps)
         self.step_memo = {} if step_memo is None else step_memo
+        self.rope_repeats_halves: bool | None = None  # whether cos/sin repeat their first half (found at first use)
         self.last_layer = last_layer
         self.settings = settings
         self.rotary_emb = rotary_emb
@@ -467,10 +468,9 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         if store.unwhiten is not None or coded.device.type != "cpu" or coded.dtype != torch.float32:
             return False
         codebook = store.codebook
-        cos, sin = self._coded_cos_sin() if kind == "keys" else (None, None)
+        cos, sin = self._coded_cos_sin(halves=True) if kind == "keys" else (None, None)
         return native_decode.decode_into(
-            coded, store.codes, store.layout, store.scale, codebook.batch_table(), codebook.offline.shape[0],
-            0 if codebook.extra is None else codebook.extra.shape[1], refine_mask=store.refine_mask,
+            coded, store.codes, store.layout, store.scale, codebook.offline, codebook.extra, refine_mask=store.refine_mask,
             refine_codes=store.refine_codes, refine_layout=store.refine_layout, center=store.center, cos=cos, sin=sin)
 
     def _step_buffer(self, name: str, shape, dtype) -> torch.Tensor:
@@ -498,9 +498,21 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.step_memo.clear()
         return keys, values
 
-    def _coded_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of the coded positions."""
-        return self._cos_sin(self._sink_len(), self.n_coded)
+    def _coded_cos_sin(self, halves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, n_coded, d_h) of the coded positions; with `halves`, their first halves (B, n_coded, d_h / 2)
+        where the model's RoPE repeats them in the second (transformers' RoPEs all do; the kernel reads half)."""
+        cos, sin = self._cos_sin(self._sink_len(), self.n_coded)
+        if not halves:
+            return cos, sin
+        memo_key = ("halves", self._sink_len(), self.n_coded, tuple(self.n_pad.tolist()))
+        if memo_key not in self.step_memo:
+            half = cos.shape[-1] // 2
+            repeated = lambda t: torch.equal(t[..., :half], t[..., half:])
+            if self.rope_repeats_halves is None:  # a property of the model's rotary module: checked once
+                self.rope_repeats_halves = repeated(cos) and repeated(sin)
+            self.step_memo[memo_key] = ((cos[..., :half].contiguous(), sin[..., :half].contiguous())
+                                        if self.rope_repeats_halves else (cos, sin))
+        return self.step_memo[memo_key]
 
     def _cos_sin(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (B, length, d_h) of sequence slots start..start+length-1: the same in every layer, so the first

@@ -2,7 +2,7 @@
  *
  * For every coded token of every row and every KV head, in one pass over the codes and without
  * temporaries: unpack the head's indices and coefficients (the bit layout of csr_core/code_layout.py),
- * sum coef * atom over the batch table (what embedding_bag does in the torch path), add the refined
+ * sum coef * atom over the row's atoms (what embedding_bag does in the torch path), add the refined
  * vectors' extra atoms (one flag bit per vector, their codes in order in a second stream), add the
  * centre, rotate by RoPE when cos/sin are given, and write the head vector into its slot of `out`.
  * The torch path it replaces (csr_runtime/cache.py, `_assemble`) makes ~25 passes over the same data.
@@ -14,7 +14,7 @@
 #include <string.h>
 
 enum { FMT_FP16 = 0, FMT_FP8 = 1, FMT_INT8 = 2, FMT_E3M1 = 3 };
-enum { MAX_DIM = 1024 }; /* head_dim the stack accumulators hold */
+enum { MAX_DIM = 1024, MAX_FIELDS = 1024 }; /* head_dim and pairs per code the stack buffers hold */
 
 typedef struct {
     int64_t groups, k, index_bits, index_bytes, nbytes, fmt;
@@ -38,52 +38,56 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-/* `width` bits (<= 16) starting at bit `pos` of a little-endian stream of `len` bytes */
+/* `width` bits (<= 16) starting at bit `pos` of a little-endian stream that has `len` readable bytes from p:
+   one 8-byte load where the stream allows it */
 static inline uint32_t read_field(const uint8_t *p, int64_t len, int64_t pos, int64_t width) {
-    int64_t byte = pos >> 3;
-    uint32_t word = p[byte];
-    if (byte + 1 < len) word |= (uint32_t)p[byte + 1] << 8;
-    if (byte + 2 < len) word |= (uint32_t)p[byte + 2] << 16;
-    return (word >> (pos & 7)) & ((1u << width) - 1);
+    const int64_t byte = pos >> 3;
+    uint64_t word = 0;
+    if (byte + 8 <= len) {
+        memcpy(&word, p + byte, 8);
+    } else {
+        for (int64_t i = 0; byte + i < len && i < 3; i++) word |= (uint64_t)p[byte + i] << (8 * i);
+    }
+    return (uint32_t)(word >> (pos & 7)) & ((1u << width) - 1);
 }
 
-/* coefficient `f` (of groups * k) of one code */
-static inline float read_coef(const uint8_t *code, const layout_t *L, int64_t f, const float *lut, float scale) {
+/* Every (index, coefficient) pair of one code: idx[f], coef[f] for f < groups * k, in stream order.
+   `len`: bytes readable from `code` (to the end of the codes, so most reads take one load). */
+static inline void unpack_code(const uint8_t *code, int64_t len, const layout_t *L, const float *lut, float scale,
+                               int64_t *idx, float *coef) {
+    const int64_t F = L->groups * L->k;
+    for (int64_t f = 0; f < F; f++) idx[f] = read_field(code, len, f * L->index_bits, L->index_bits);
     const uint8_t *c = code + L->index_bytes;
     switch (L->fmt) {
     case FMT_E3M1:
-        return lut[read_field(code, L->index_bytes, L->groups * L->k * L->index_bits + 5 * f, 5)] * scale;
+        for (int64_t f = 0; f < F; f++) coef[f] = lut[read_field(code, len, F * L->index_bits + 5 * f, 5)] * scale;
+        break;
     case FMT_FP8:
-        return lut[c[f]] * scale;
-    case FMT_FP16: {
-        uint16_t h = (uint16_t)(c[2 * f] | (c[2 * f + 1] << 8));
-        return half_to_float(h);
-    }
-    default: { /* int8: per group an fp16 scale, then its k int8 */
-        int64_t g = f / L->k, a = f % L->k;
-        const uint8_t *grp = c + g * (2 + L->k);
-        return (float)(int8_t)grp[2 + a] * half_to_float((uint16_t)(grp[0] | (grp[1] << 8)));
-    }
+        for (int64_t f = 0; f < F; f++) coef[f] = lut[c[f]] * scale;
+        break;
+    case FMT_FP16:
+        for (int64_t f = 0; f < F; f++) coef[f] = half_to_float((uint16_t)(c[2 * f] | (c[2 * f + 1] << 8)));
+        break;
+    default: /* int8: per group an fp16 scale, then its k int8 */
+        for (int64_t g = 0; g < L->groups; g++) {
+            const uint8_t *grp = c + g * (2 + L->k);
+            const float group_scale = half_to_float((uint16_t)(grp[0] | (grp[1] << 8)));
+            for (int64_t a = 0; a < L->k; a++) coef[g * L->k + a] = (float)(int8_t)grp[2 + a] * group_scale;
+        }
     }
 }
 
-/* acc[0:w] += sum over atoms a of group g: coef * table[index] (row-local index -> batch table row);
-   1 for an index past the table's `rows` */
-static inline int add_group(float *acc, const uint8_t *code, const layout_t *L, int64_t g, const float *lut,
-                            float scale, const float *table, int64_t rows, int64_t w, int64_t n_offline,
-                            int64_t extra_base) {
-    for (int64_t a = 0; a < L->k; a++) {
-        int64_t f = g * L->k + a;
-        int64_t i = read_field(code, L->index_bytes, f * L->index_bits, L->index_bits);
-        if (i >= n_offline) i += extra_base;
-        if (i >= rows) return 1;
-        float c = read_coef(code, L, f, lut, scale);
-        const float *atom = table + i * w;
-        if (w == 64) { /* the usual head width: a constant trip count the compiler unrolls and vectorises */
-            for (int64_t j = 0; j < 64; j++) acc[j] += c * atom[j];
-        } else {
-            for (int64_t j = 0; j < w; j++) acc[j] += c * atom[j];
-        }
+/* acc[0:w] += sum over the k pairs: coef * atom[index], a row-local index (the offline atoms, then the row's
+   `slots` extra atoms); 1 for an index past them. Inlined with a constant w, the loop is unrolled. */
+static inline __attribute__((always_inline)) int add_atoms(float *acc, const int64_t *idx, const float *coef,
+                                                           int64_t k, const float *offline, int64_t n_offline,
+                                                           const float *row_extra, int64_t slots, const int64_t w) {
+    for (int64_t a = 0; a < k; a++) {
+        const int64_t i = idx[a];
+        if (i >= n_offline + slots) return 1;
+        const float *atom = i < n_offline ? offline + i * w : row_extra + (i - n_offline) * w;
+        const float c = coef[a];
+        for (int64_t j = 0; j < w; j++) acc[j] += c * atom[j];
     }
     return 0;
 }
@@ -95,60 +99,87 @@ static int64_t popcount_prefix(const uint8_t *mask, int64_t bits) {
     return count;
 }
 
-/* Returns 0; 1 when head_dim is over MAX_DIM (the caller takes the torch path); 2 for an index past the table;
-   3 for more refined vectors than refinement codes. */
+typedef struct {
+    const uint8_t *codes, *mask, *rcodes;
+    int64_t B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block, rope_width;
+    layout_t L, RL;
+    const float *lut, *row_scale, *offline, *extra, *center, *cos, *sin;
+    float *out;
+} job_t;
+
+/* Tokens t0..t1 of row b. w and s_n are constants where the caller inlines it for the usual shapes. */
+static inline __attribute__((always_inline)) int decode_block(const job_t *J, int64_t b, int64_t t0, int64_t t1,
+                                                              const int64_t w, const int64_t s_n) {
+    const int64_t d = s_n * w, half = d / 2, groups = J->L.groups, k = J->L.k, rk = J->RL.k;
+    const float scale = J->row_scale[b];
+    const float *row_extra = J->extra ? J->extra + b * J->slots * w : 0;
+    const uint8_t *row_mask = J->mask ? J->mask + b * J->mask_bytes : 0;
+    const uint8_t *codes_end = J->codes + J->B * J->n * J->L.nbytes;
+    const uint8_t *rcodes_end = J->rcodes ? J->rcodes + J->B * J->R * J->RL.nbytes : 0;
+    int64_t refined = row_mask ? popcount_prefix(row_mask, t0 * groups) : 0; /* this row's codes before t0 */
+    int64_t idx[MAX_FIELDS], ridx[MAX_FIELDS];
+    float coef[MAX_FIELDS], rcoef[MAX_FIELDS], acc[MAX_DIM], more[MAX_DIM];
+    int status = 0;
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
+        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
+        for (int64_t h = 0; h < J->H; h++) {
+            for (int64_t j = 0; j < d; j++) acc[j] = 0.0f;
+            for (int64_t c = 0; c < s_n; c++) {
+                const int64_t g = h * s_n + c, v = t * groups + g;
+                status |= add_atoms(acc + c * w, idx + g * k, coef + g * k, k, J->offline, J->n_offline, row_extra,
+                                    J->slots, w);
+                if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) { /* its extra atoms, summed apart first */
+                    if (refined >= J->R) return status | 2;
+                    const uint8_t *rcode = J->rcodes + (b * J->R + refined++) * J->RL.nbytes;
+                    unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
+                    for (int64_t j = 0; j < w; j++) more[j] = 0.0f;
+                    status |= add_atoms(more, ridx, rcoef, rk, J->offline, J->n_offline, row_extra, J->slots, w);
+                    for (int64_t j = 0; j < w; j++) acc[c * w + j] += more[j];
+                }
+            }
+            if (J->center)
+                for (int64_t j = 0; j < d; j++) acc[j] += J->center[h * d + j];
+            float *o = J->out + b * J->so_b + h * J->so_h + t * J->so_t;
+            if (J->cos) { /* rope_width d: full cos/sin rows; d/2: their first halves (the halves are equal) */
+                const int64_t rw = J->rope_width, second = rw == d ? half : 0;
+                const float *cs = J->cos + (b * J->n + t) * rw, *sn = J->sin + (b * J->n + t) * rw;
+                for (int64_t j = 0; j < half; j++) o[j] = acc[j] * cs[j] - acc[j + half] * sn[j];
+                for (int64_t j = 0; j < half; j++) o[half + j] = acc[half + j] * cs[second + j] + acc[j] * sn[second + j];
+            } else {
+                for (int64_t j = 0; j < d; j++) o[j] = acc[j];
+            }
+        }
+    }
+    return status;
+}
+
+/* Returns 0; 1 when head_dim or a code's pair count is over what the stack buffers hold (the caller takes the
+   torch path); 2 for an index past a row's atoms; 3 for more refined vectors than refinement codes. */
 int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64_t k, int64_t index_bits,
                int64_t index_bytes, int64_t nbytes, int64_t fmt, const float *lut, const float *row_scale,
-               const float *table, int64_t rows, int64_t w, int64_t n_offline, int64_t slots,
+               const float *offline, int64_t n_offline, const float *extra, int64_t slots, int64_t w,
                const uint8_t *mask, int64_t mask_bytes, const uint8_t *rcodes, int64_t R, int64_t rk,
                int64_t r_index_bytes, int64_t r_nbytes, int64_t H, const float *center, const float *cos,
-               const float *sin, float *out, int64_t so_b, int64_t so_h, int64_t so_t, int64_t threads,
-               int64_t block) {
-    const int64_t s_n = groups / H, d = s_n * w, half = d / 2;
-    if (d > MAX_DIM) return 1;
-    const layout_t L = {groups, k, index_bits, index_bytes, nbytes, fmt};
-    const layout_t RL = {1, rk, index_bits, r_index_bytes, r_nbytes, fmt};
+               const float *sin, int64_t rope_width, float *out, int64_t so_b, int64_t so_h, int64_t so_t,
+               int64_t threads, int64_t block) {
+    const int64_t s_n = groups / H;
+    if (s_n * w > MAX_DIM || groups * k > MAX_FIELDS || rk > MAX_FIELDS) return 1;
+    const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block,
+                     rope_width, {groups, k, index_bits, index_bytes, nbytes, fmt},
+                     {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, offline, extra, center,
+                     cos, sin, out};
     const int64_t blocks = (n + block - 1) / block;
     int status = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
     for (int64_t job = 0; job < B * blocks; job++) {
         const int64_t b = job / blocks, t0 = (job % blocks) * block, t1 = t0 + block < n ? t0 + block : n;
-        const float scale = row_scale[b];
-        const int64_t extra_base = b * slots;
-        const uint8_t *row_mask = mask ? mask + b * mask_bytes : 0;
-        int64_t refined = row_mask ? popcount_prefix(row_mask, t0 * groups) : 0; /* this row's codes before t0 */
-        float acc[MAX_DIM], extra[MAX_DIM];
-        for (int64_t t = t0; t < t1; t++) {
-            const uint8_t *code = codes + (b * n + t) * nbytes;
-            for (int64_t h = 0; h < H; h++) {
-                for (int64_t j = 0; j < d; j++) acc[j] = 0.0f;
-                for (int64_t c = 0; c < s_n; c++) {
-                    const int64_t g = h * s_n + c, v = t * groups + g;
-                    status |= add_group(acc + c * w, code, &L, g, lut, scale, table, rows, w, n_offline, extra_base) << 1;
-                    if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) {
-                        if (refined >= R) {
-                            status |= 4;
-                            continue;
-                        }
-                        for (int64_t j = 0; j < w; j++) extra[j] = 0.0f;
-                        status |= add_group(extra, rcodes + (b * R + refined) * r_nbytes, &RL, 0, lut, scale, table,
-                                            rows, w, n_offline, extra_base) << 1;
-                        for (int64_t j = 0; j < w; j++) acc[c * w + j] += extra[j];
-                        refined++;
-                    }
-                }
-                if (center)
-                    for (int64_t j = 0; j < d; j++) acc[j] += center[h * d + j];
-                float *o = out + b * so_b + h * so_h + t * so_t;
-                if (cos) {
-                    const float *cs = cos + (b * n + t) * d, *sn = sin + (b * n + t) * d;
-                    for (int64_t j = 0; j < half; j++) o[j] = acc[j] * cs[j] - acc[j + half] * sn[j];
-                    for (int64_t j = half; j < d; j++) o[j] = acc[j] * cs[j] + acc[j - half] * sn[j];
-                } else {
-                    for (int64_t j = 0; j < d; j++) o[j] = acc[j];
-                }
-            }
-        }
+        if (w == 64 && s_n == 1) /* keys and values of d_h = 64 (SmolLM2) */
+            status |= decode_block(&J, b, t0, t1, 64, 1);
+        else if (w == 128 && s_n == 1) /* d_h = 128 (Llama 2/3, Qwen) */
+            status |= decode_block(&J, b, t0, t1, 128, 1);
+        else
+            status |= decode_block(&J, b, t0, t1, w, s_n);
     }
-    return status & 2 ? 2 : status & 4 ? 3 : 0;
+    return status & 1 ? 2 : status & 2 ? 3 : 0;
 }

@@ -78,8 +78,8 @@ def _build() -> ctypes.CDLL | None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.csr_decode.restype = ctypes.c_int
-    lib.csr_decode.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, i64, i64,
-                               ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64]
+    lib.csr_decode.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64,
+                               ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64]
     return lib
 
 
@@ -113,16 +113,17 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def decode_into(out: torch.Tensor, codes: torch.Tensor, layout: CodeLayout, scale: torch.Tensor, table: torch.Tensor,
-                n_offline: int, slots: int, *, refine_mask: torch.Tensor | None = None,
+def decode_into(out: torch.Tensor, codes: torch.Tensor, layout: CodeLayout, scale: torch.Tensor, offline: torch.Tensor,
+                extra: torch.Tensor | None = None, *, refine_mask: torch.Tensor | None = None,
                 refine_codes: torch.Tensor | None = None, refine_layout: CodeLayout | None = None,
                 center: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                 ) -> bool:
     """Decode every row's codes into `out` (B, H, n, d) float32, a view whose last dim is contiguous (e.g. the
     coded slots of the step's buffer). codes: (B, n, nbytes) uint8; scale: (B,) each row's coefficient scale;
-    table: `codebook.batch_table()` (n_offline offline atoms, then `slots` extra atoms per row); the refinement as
-    the cache stores it; center: (H, d); cos, sin: (B, n, d) to rotate (keys). False when the kernel cannot
-    take these tensors (the caller takes the torch path)."""
+    offline: (N, w) atoms; extra: (B, M, w) each row's extra atoms (row-local index N + j is extra[b, j]); the refinement as
+    the cache stores it; center: (H, d); cos, sin: (B, n, d) to rotate (keys), or their first halves (B, n, d / 2)
+    where the two halves are equal (every RoPE of transformers). False when the kernel cannot take these tensors
+    (the caller takes the torch path)."""
     B, H, n, d = out.shape
     if not available() or out.device.type != "cpu" or out.dtype != torch.float32 or out.stride(-1) != 1:
         return False
@@ -131,19 +132,20 @@ def decode_into(out: torch.Tensor, codes: torch.Tensor, layout: CodeLayout, scal
                          f"{layout.nbytes} bytes (uint8)")
     refined = refine_codes is not None and refine_codes.shape[1] > 0
     contiguous = lambda t: None if t is None else t.float().contiguous()
-    table, center, cos, sin, scale = map(contiguous, (table, center, cos, sin, scale))
+    offline, extra, center, cos, sin, scale = map(contiguous, (offline, extra, center, cos, sin, scale))
     codes = codes.contiguous()
     mask, rcodes = (refine_mask.contiguous(), refine_codes.contiguous()) if refined else (None, None)
     lut = _lut(layout.coef_format)
     rl = refine_layout if refined else layout
     status = _library.csr_decode(
         _ptr(codes), B, n, layout.groups, layout.k, layout.index_bits, layout.index_bytes, layout.nbytes,
-        _FORMATS[layout.coef_format], _ptr(lut), _ptr(scale), _ptr(table), table.shape[0], table.shape[1], n_offline, slots,
+        _FORMATS[layout.coef_format], _ptr(lut), _ptr(scale), _ptr(offline), offline.shape[0], _ptr(extra), 0 if extra is None else extra.shape[1], offline.shape[1],
         _ptr(mask), mask.shape[1] if refined else 0, _ptr(rcodes), rcodes.shape[1] if refined else 0, rl.k,
-        rl.index_bytes, rl.nbytes, H, _ptr(center), _ptr(cos), _ptr(sin), _ptr(out),
+        rl.index_bytes, rl.nbytes, H, _ptr(center), _ptr(cos), _ptr(sin), 0 if cos is None else cos.shape[-1], _ptr(out),
         out.stride(0), out.stride(1), out.stride(2), torch.get_num_threads(), _BLOCK)
     if status == 2:
-        raise ValueError(f"a code points past the {table.shape[0]} atoms of the table: corrupt codes or the wrong dictionary")
+        atoms = offline.shape[0] + (0 if extra is None else extra.shape[1])
+        raise ValueError(f"a code points past the {atoms} atoms of its row: corrupt codes or the wrong dictionary")
     if status == 3:
         raise ValueError(f"the refinement flags name more vectors than the {rcodes.shape[1]} refinement codes a row holds")
     return status == 0

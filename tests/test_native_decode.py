@@ -88,9 +88,9 @@ def test_codes_past_the_table_are_refused():
     table = torch.nn.functional.normalize(torch.randn(10, 16), dim=-1)
     out = torch.empty(1, 1, 1, 16)
     with pytest.raises(ValueError, match="past the 10 atoms"):
-        native_decode.decode_into(out, codes, layout, torch.ones(1), table, n_offline=10, slots=0)
+        native_decode.decode_into(out, codes, layout, torch.ones(1), table)
     good = pack_codes(torch.tensor([[[3, 7]]]), torch.tensor([[[0.5, -0.25]]]), layout).view(1, 1, -1)
-    assert native_decode.decode_into(out, good, layout, torch.ones(1), table, n_offline=10, slots=0)
+    assert native_decode.decode_into(out, good, layout, torch.ones(1), table)
     torch.testing.assert_close(out[0, 0, 0], 0.5 * table[3] - 0.25 * table[7])
 
 
