@@ -63,8 +63,8 @@ def time_decode(lm, token, cache, steps: int) -> tuple[float, torch.Tensor]:
 
 
 def _decode_path(method: str) -> None:
-    """The fused CPU decode kernel for every CSR method but the one named for the torch path."""
-    os.environ["CSR_NATIVE_DECODE"] = "0" if "CSR_NATIVE_DECODE=0" in method else "1"
+    """The CPU decode kernel (`csr_runtime.native`) for every CSR method but the one named for the torch path."""
+    os.environ["CSR_NATIVE"] = "0" if "CSR_NATIVE=0" in method else "1"
 
 
 def main(argv=None) -> None:
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
             lm, args.dictionary, sparsity=args.sparsity, index_bits=16, coef_format="fp16", sink_tokens=0,
             refine_fraction=0), "sdpa"),
         f"CSR-{args.sparsity}, packed (defaults)": (lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), "sdpa"),
-        f"CSR-{args.sparsity}, packed (defaults), torch decode path (CSR_NATIVE_DECODE=0)": (
+        f"CSR-{args.sparsity}, packed (defaults), torch decode path (CSR_NATIVE=0)": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), "sdpa"),
         f"CSR-{args.sparsity}, packed, every token coded at once (coding_batch=1)": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, coding_batch=1), "sdpa"),
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
             print(rows[-1], flush=True)
         del state
     lm.set_attn_implementation("sdpa")
-    os.environ.pop("CSR_NATIVE_DECODE", None)
+    os.environ.pop("CSR_NATIVE", None)
     # MP coding throughput on real keys of layer 15 (pre-RoPE), the file's dictionary (the default: no extra atoms).
     from csr_core.dictionary_file import load_dictionary
     from neuraldict.collect import capture_kv

@@ -59,7 +59,7 @@ from csr_runtime.code_packing import (
     unpack_bits,
     unpack_codes,
 )
-from csr_runtime import native_decode
+from csr_runtime import native
 from csr_runtime.codebook import Codebook, Sampling
 from csr_runtime.metric import apply as whiten_heads
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
@@ -463,13 +463,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
 
     def _decode_natively(self, kind: str, store: _KindStore, coded: torch.Tensor) -> bool:
         """Decode the codes (with refinement, centre and, for keys, RoPE) straight into `coded`, the coded slots of
-        the step's buffer, with the fused CPU kernel (`native_decode`); False where it does not apply (whitened
-        codes, CUDA, half-precision buffers, `CSR_NATIVE_DECODE=0`): the caller takes the torch path."""
+        the step's buffer, with the fused CPU kernel (`native`); False where it does not apply (whitened
+        codes, CUDA, half-precision buffers, `CSR_NATIVE=0`): the caller takes the torch path."""
         if store.unwhiten is not None or coded.device.type != "cpu" or coded.dtype != torch.float32:
             return False
         codebook = store.codebook
         cos, sin = self._coded_cos_sin(halves=True) if kind == "keys" else (None, None)
-        return native_decode.decode_into(
+        return native.decode_into(
             coded, store.codes, store.layout, store.scale, codebook.offline, codebook.extra, refine_mask=store.refine_mask,
             refine_codes=store.refine_codes, refine_layout=store.refine_layout, center=store.center, cos=cos, sin=sin)
 

@@ -7,8 +7,8 @@
  * centre, rotate by RoPE when cos/sin are given, and write the head vector into its slot of `out`.
  * The torch path it replaces (csr_runtime/cache.py, `_assemble`) makes ~25 passes over the same data.
  *
- * Built and loaded by csr_runtime/native_decode.py with the system C compiler; parity with the torch
- * path is tested in tests/test_native_decode.py.
+ * Built and loaded by csr_runtime/native.py with the system C compiler; parity with the torch
+ * path is tested in tests/test_native.py.
  */
 #include <stdint.h>
 #include <string.h>
@@ -183,3 +183,4 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
     }
     return status & 1 ? 2 : status & 2 ? 3 : 0;
 }
+

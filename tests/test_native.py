@@ -1,4 +1,4 @@
-"""The fused CPU decode kernel (`csr_runtime.native_decode`) against the torch path it replaces."""
+"""The CPU decode kernel (`csr_runtime.native`) against the torch path it replaces."""
 
 import shutil
 
@@ -8,7 +8,7 @@ import torch
 
 from csr_core.dictionary_file import DictionaryFile, KindDictionaries
 from csr_core.models import model_fingerprint
-from csr_runtime import native_decode
+from csr_runtime import native
 from csr_runtime.cache import CSRCache
 from tests.conftest import tiny_llama
 
@@ -38,11 +38,11 @@ def _left_padded_cache(lm, dictionary, steps=11, **options):
 
 
 def _read_back_both_ways(cache, monkeypatch):
-    native = [layer.read_back() for layer in cache.layers]
-    monkeypatch.setenv("CSR_NATIVE_DECODE", "0")
+    fast = [layer.read_back() for layer in cache.layers]
+    monkeypatch.setenv("CSR_NATIVE", "0")
     reference = [layer.read_back() for layer in cache.layers]
-    monkeypatch.delenv("CSR_NATIVE_DECODE")
-    return native, reference
+    monkeypatch.delenv("CSR_NATIVE")
+    return fast, reference
 
 
 @needs_compiler
@@ -50,7 +50,7 @@ def _read_back_both_ways(cache, monkeypatch):
 @pytest.mark.parametrize("layout", [dict(coef_format="e3m1"), dict(coef_format="fp8"), dict(coef_format="int8"),
                                     dict(coef_format="fp16", index_bits=16)])
 def test_kernel_reads_back_what_the_torch_path_reads(layout, head_dim, monkeypatch):
-    assert native_decode.available(), "a C compiler is on PATH but the kernel did not build: see the warning"
+    assert native.available(), "a C compiler is on PATH but the kernel did not build: see the warning"
     lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=head_dim)
     # refinement, online and guard atoms (row-local indices past the offline ones), sinks, centres
     cache = _left_padded_cache(lm, _dictionary(lm, head_dim), sparsity_keys=3, sparsity_values=2, refine_fraction=0.3,
@@ -58,8 +58,8 @@ def test_kernel_reads_back_what_the_torch_path_reads(layout, head_dim, monkeypat
                                window=3, coding_batch=4, **layout)
     stats = cache.stats()
     assert stats["vectors_refined"] > 0 and stats["guard_atoms"] > 0
-    native, reference = _read_back_both_ways(cache, monkeypatch)
-    for (keys, values), (ref_keys, ref_values) in zip(native, reference):
+    fast, reference = _read_back_both_ways(cache, monkeypatch)
+    for (keys, values), (ref_keys, ref_values) in zip(fast, reference):
         torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
 
@@ -72,10 +72,10 @@ def test_generation_with_the_kernel_equals_the_torch_path(monkeypatch):
     run = lambda: lm.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
                               cache=CSRCache(lm, dictionary, window=2, coding_batch=2))
     with torch.no_grad():
-        native = run()
-        monkeypatch.setenv("CSR_NATIVE_DECODE", "0")
+        fast = run()
+        monkeypatch.setenv("CSR_NATIVE", "0")
         reference = run()
-    assert torch.equal(native, reference)
+    assert torch.equal(fast, reference)
 
 
 @needs_compiler
@@ -88,18 +88,19 @@ def test_codes_past_the_table_are_refused():
     table = torch.nn.functional.normalize(torch.randn(10, 16), dim=-1)
     out = torch.empty(1, 1, 1, 16)
     with pytest.raises(ValueError, match="past the 10 atoms"):
-        native_decode.decode_into(out, codes, layout, torch.ones(1), table)
+        native.decode_into(out, codes, layout, torch.ones(1), table)
     good = pack_codes(torch.tensor([[[3, 7]]]), torch.tensor([[[0.5, -0.25]]]), layout).view(1, 1, -1)
-    assert native_decode.decode_into(out, good, layout, torch.ones(1), table)
+    assert native.decode_into(out, good, layout, torch.ones(1), table)
     torch.testing.assert_close(out[0, 0, 0], 0.5 * table[3] - 0.25 * table[7])
 
 
 def test_without_a_compiler_the_runtime_warns_and_takes_the_torch_path(monkeypatch):
-    monkeypatch.setattr(native_decode, "_library", None)
+    monkeypatch.setattr(native, "_library", None)
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.warns(UserWarning, match="no C compiler"):
-        assert not native_decode.available()
+        assert not native.available()
     lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=16)
     cache = _left_padded_cache(lm, _dictionary(lm, 16), steps=3, window=2, coding_batch=2)
     assert cache.layers[0].read_back()[0].isfinite().all()
-    monkeypatch.setattr(native_decode, "_library", None)  # the next test builds (or loads) it again
+    monkeypatch.setattr(native, "_library", None)  # the next test builds (or loads) it again
+

@@ -1,13 +1,13 @@
-"""The fused CPU decode kernel (`decode_kernel.c`): codes → keys/values in their slots, in one pass.
+"""The runtime's CPU kernel (`decode_kernel.c`): a decode step's codes → keys/values in their slots, in one pass.
 
 The torch path of a decode step (unpack, `embedding_bag`, refinement, centre, RoPE, concatenation) runs
-~25 operations over every coded vector of every layer; on a CPU each one is a pass over memory. The
-kernel does the same arithmetic in one pass, parallel over rows and token blocks.
+~25 operations over every coded vector of every layer; on a CPU each is a pass over memory. `decode_into`
+does the same arithmetic, with the same roundings, in one pass, parallel over rows and token blocks.
 
 It is built on first use with the system C compiler (`$CC`, else `cc`) into the cache folder
 (`$CSR_CACHE_DIR/native`, ~1 s) and loaded with ctypes: no build step at install time, no torch headers.
-Where no compiler is found the runtime takes the torch path, with one warning. `CSR_NATIVE_DECODE=0`
-turns it off (e.g. to compare). CUDA tensors always take the torch path.
+Where no compiler is found the runtime takes the torch path, with one warning. `CSR_NATIVE=0` turns it off
+(e.g. to compare). CUDA tensors always take the torch path.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 def available() -> bool:
     """Whether the kernel is built and loaded (builds it on the first call)."""
     global _library
-    if os.environ.get("CSR_NATIVE_DECODE", "1") == "0":
+    if os.environ.get("CSR_NATIVE", "1") == "0":
         return False
     if _library is None:
         _library = _build() or False
@@ -149,3 +149,4 @@ def decode_into(out: torch.Tensor, codes: torch.Tensor, layout: CodeLayout, scal
     if status == 3:
         raise ValueError(f"the refinement flags name more vectors than the {rcodes.shape[1]} refinement codes a row holds")
     return status == 0
+
