@@ -104,3 +104,30 @@ def test_without_a_compiler_the_runtime_warns_and_takes_the_torch_path(monkeypat
     assert cache.layers[0].read_back()[0].isfinite().all()
     monkeypatch.setattr(native, "_library", None)  # the next test builds (or loads) it again
 
+
+
+class _UnevenRoPE(torch.nn.Module):
+    """The model's cos/sin with the second half scaled: halves that differ, as no transformers RoPE has today."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, position_ids):
+        cos, sin = self.inner(x, position_ids)
+        scale = torch.ones(cos.shape[-1])
+        scale[cos.shape[-1] // 2 :] = 0.9
+        return cos * scale, sin * scale
+
+
+@needs_compiler
+def test_kernel_rotates_with_full_width_cos_sin_where_the_halves_differ(monkeypatch):
+    lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=16)
+    cache = _left_padded_cache(lm, _dictionary(lm, 16), steps=4, window=2, coding_batch=2)
+    assert cache.layers[0].rope_repeats_halves  # found at the first decode step (the others share its cos/sin)
+    for layer in cache.layers:
+        layer.rotary_emb, layer.rope_repeats_halves = _UnevenRoPE(layer.rotary_emb), None
+    fast, reference = _read_back_both_ways(cache, monkeypatch)
+    assert cache.layers[0].rope_repeats_halves is False
+    for (keys, _), (ref_keys, _) in zip(fast, reference):
+        torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
