@@ -343,13 +343,21 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
 
     def _encode_rows(self, store: _KindStore, chunks: torch.Tensor, k: int):
         B, H, T, s_n, w = chunks.shape
-        idx, coef = [], []
-        for b in range(B):
-            i, c = sparse_encode(chunks[b].reshape(-1, w), store.codebook.row(b), s=k, method=self.settings.method,
-                                 quantize=store.quantizer(b))
-            idx.append(i.view(H, T, s_n * k))
-            coef.append(c.view(H, T, s_n * k))
-        return torch.stack(idx), torch.stack(coef)
+        per_row = self._encode_each_row(store, [chunks[b].reshape(-1, w) for b in range(B)], k)
+        return (torch.stack([i.view(H, T, s_n * k) for i, _ in per_row]),
+                torch.stack([c.view(H, T, s_n * k) for _, c in per_row]))
+
+    def _encode_each_row(self, store: _KindStore, xs: list[torch.Tensor], k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """MP of each row's vectors xs[b] (n_b, w) over the row's atoms → [(idx, coef)] per row. Rows that address the
+        same atoms with the same coefficient scale (no online or guard atoms: the defaults) are coded in one call —
+        at a batch of 136 rows, one call per row was a fifth of a decode step's time."""
+        if len(xs) > 1 and store.codebook.rows_share_atoms() and bool((store.scale == store.scale[0]).all()):
+            idx, coef = sparse_encode(torch.cat(xs), store.codebook.offline, s=k, method=self.settings.method,
+                                      quantize=store.quantizer(0))
+            sizes = [len(x) for x in xs]
+            return list(zip(idx.split(sizes), coef.split(sizes)))
+        return [sparse_encode(x, store.codebook.row(b), s=k, method=self.settings.method, quantize=store.quantizer(b))
+                for b, x in enumerate(xs)]
 
     def _add_online(self, store: _KindStore, chunks: torch.Tensor, real: torch.Tensor) -> None:
         if self.settings.online_atoms <= 0:
@@ -401,21 +409,19 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         x = token_major(chunks)
         i_tm, c_tm = token_major(idx.view(B, H, T, s_n, k)), token_major(coef.view(B, H, T, s_n, k))
         flags = torch.zeros(B, x.shape[1], dtype=torch.bool, device=self.device)
-        codes = []
+        residuals = []
         for b in range(B):
             is_real = real[b].repeat_interleave(H * s_n)
             m = round(s.refine_fraction * int(is_real.sum()))  # as the row alone would refine
-            row = store.codebook.row(b)
-            residual = x[b] - sparse_decode(i_tm[b], c_tm[b], row)
+            residual = x[b] - sparse_decode(i_tm[b], c_tm[b], store.codebook.row(b))
             energy = residual.square().sum(-1).masked_fill(~is_real, -1.0)
             worst = energy.topk(m).indices.sort().values  # stored in the order of the vectors
             flags[b, worst] = True
             self.stats["vectors_refined"] += m
-            if m == 0:
-                codes.append(torch.zeros(0, store.refine_layout.nbytes, dtype=torch.uint8, device=self.device))
-                continue
-            ri, rc = sparse_encode(residual[worst], row, s=s.refine_atoms, quantize=store.quantizer(b))
-            codes.append(pack_codes(ri[:, None], rc[:, None], store.refine_layout, scale=float(store.scale[b])))
+            residuals.append(residual[worst])
+        codes = [pack_codes(ri[:, None], rc[:, None], store.refine_layout, scale=float(store.scale[b])) if len(ri) else
+                 torch.zeros(0, store.refine_layout.nbytes, dtype=torch.uint8, device=self.device)
+                 for b, (ri, rc) in enumerate(self._encode_each_row(store, residuals, s.refine_atoms))]
         before = self.n_coded * H * s_n
         old = unpack_bits(store.refine_mask, before) if store.refine_mask is not None else flags[:, :0]
         store.refine_mask = pack_bits(torch.cat([old, flags], dim=1))

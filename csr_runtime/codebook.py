@@ -50,6 +50,10 @@ class Codebook:
             self._rows[b] = torch.cat([self.offline, self.extra[b, : self.n_extra[b]].float()])
         return self._rows[b]
 
+    def rows_share_atoms(self) -> bool:
+        """Whether every row addresses the offline atoms alone (no online or guard atoms added to any row)."""
+        return self.extra is None or not any(self.n_extra)
+
     def batch_table(self) -> torch.Tensor:
         """(N_off + B·M, w) float32: the offline atoms, then every row's M extra slots — one table for all rows,
         what `batch_index` points into (rows decode in one gather instead of one per row)."""

@@ -152,3 +152,23 @@ def test_a_code_budget_covers_the_refinement(tmp_path):
     assert abs(refined.bits_per_channel() / refined.nominal_bits_per_channel() - 1) < 0.01
     with pytest.raises(ValueError, match="does not cover the refinement"):
         CSRCache(lm, path, code_bits_per_channel=0.5, refine_fraction=0.25, refine_atoms=2)
+
+
+@pytest.mark.parametrize("extra_atoms", [0, 8])  # 0: rows share the atoms, coded in one call; 8: each row alone
+def test_each_row_of_a_batch_gets_the_codes_it_gets_alone(extra_atoms):
+    lm = tiny_llama(n_layers=2, kv_heads=H)
+    ids = torch.randint(0, 128, (3, T), generator=torch.Generator().manual_seed(7))
+    dictionary = random_dictionary(lm)
+    options = dict(sparsity_keys=2, sparsity_values=2, refine_fraction=0.25, refine_atoms=2, coding_batch=4,
+                   online_atoms=extra_atoms, coef_format="fp16")  # fp16: one coefficient scale for every row
+    batch = _prefill(lm, CSRCache(lm, dictionary, **options), ids)
+    if extra_atoms == 0:
+        assert all(layer.stores["keys"].codebook.rows_share_atoms() for layer in batch.layers)
+    for b in range(3):
+        alone = _prefill(lm, CSRCache(lm, dictionary, **options), ids[b : b + 1])
+        for layer, single in zip(batch.layers, alone.layers):
+            for kind in ("keys", "values"):
+                ours, theirs = layer.stores[kind], single.stores[kind]
+                assert torch.equal(ours.codes[b], theirs.codes[0])
+                assert torch.equal(ours.refine_mask[b], theirs.refine_mask[0])
+                assert torch.equal(ours.refine_codes[b], theirs.refine_codes[0])
