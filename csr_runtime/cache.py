@@ -31,6 +31,10 @@ it would have got alone (MP codes each vector on its own). Left padding is recog
 (a row's real tokens start at its last position 0): padding never becomes an online or guard atom. Every tensor the cache
 holds is counted by `memory_bytes()`.
 
+Reading the cache rebuilds every coded key (rotated) and value each step: on the CPU in one pass of a C kernel
+(`native.py`, built on first use), elsewhere — CUDA, whitened codes, no compiler — with PyTorch operations that
+compute the same. Rows of a batch that share their atoms and coefficient scale are coded in one MP call.
+
 Where we depart from the paper: it leaves the guard rule open; ours is the residual threshold above.
 """
 
@@ -47,6 +51,7 @@ from csr_core.code_layout import row_index_bits
 from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dictionary
 from csr_core.models import check_supported, model_fingerprint
 from csr_core.settings import SETTING_FIELDS, cache_settings
+from csr_runtime import native
 from csr_runtime.attention import CSR_ATTENTION, CodedValues
 from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
@@ -59,7 +64,6 @@ from csr_runtime.code_packing import (
     unpack_bits,
     unpack_codes,
 )
-from csr_runtime import native
 from csr_runtime.codebook import Codebook, Sampling
 from csr_runtime.metric import apply as whiten_heads
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
