@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from csr_core.code_layout import E3M1_MAGNITUDES, CodeLayout
+from csr_core.code_layout import CodeLayout
 from csr_core.paths import cache_root
+from csr_runtime.code_packing import e3m1_values
 
-__all__ = ["available", "decode_into"]
+__all__ = ["available", "decode_into", "find_compiler"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -48,14 +49,20 @@ def _cpu_tag() -> str:
     return platform.machine() + flags
 
 
-def _build() -> ctypes.CDLL | None:
-    chosen = shlex.split(os.environ.get("CC", ""))  # $CC may carry arguments ("ccache gcc")
+def find_compiler() -> list[str] | None:
+    """The C compiler command the kernel is built with: `$CC` (which may carry arguments, "ccache gcc"), else the
+    first of cc, gcc, clang on PATH; None if there is none."""
+    chosen = shlex.split(os.environ.get("CC", ""))
     found = shutil.which(chosen[0]) if chosen else shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if found is None:
+    return None if found is None else [found, *chosen[1:]]
+
+
+def _build() -> ctypes.CDLL | None:
+    compiler = find_compiler()
+    if compiler is None:
         warnings.warn("csr_runtime: no C compiler found (set $CC): decoding takes the slower torch path", stacklevel=3)
         return None
     source = _SOURCE.read_bytes()
-    compiler = [found, *chosen[1:]]
     errors = []
     for flags in _FLAG_SETS:
         command = [*compiler, *_BASE_FLAGS, *flags]
@@ -70,7 +77,7 @@ def _build() -> ctypes.CDLL | None:
                 continue
             partial.replace(target)
         return _declare(ctypes.CDLL(str(target)))
-    warnings.warn(f"csr_runtime: {found} could not build the CPU decode kernel ({errors[-1]}): decoding takes the "
+    warnings.warn(f"csr_runtime: {compiler[0]} could not build the CPU decode kernel ({errors[-1]}): decoding takes the "
                   "slower torch path", stacklevel=3)
     return None
 
@@ -100,8 +107,7 @@ def _lut(coef_format: str) -> torch.Tensor:
     """Unscaled value of every coefficient code: e3m1's 32 (sign in bit 4), E4M3's 256; unused otherwise."""
     if coef_format not in _LUTS:
         if coef_format == "e3m1":
-            table = torch.tensor(E3M1_MAGNITUDES, dtype=torch.float32)
-            _LUTS[coef_format] = torch.cat([table, -table])
+            _LUTS[coef_format] = e3m1_values(torch.arange(32, dtype=torch.int32), 1.0)
         elif coef_format == "fp8":
             _LUTS[coef_format] = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
         else:
@@ -120,8 +126,8 @@ def decode_into(out: torch.Tensor, codes: torch.Tensor, layout: CodeLayout, scal
                 ) -> bool:
     """Decode every row's codes into `out` (B, H, n, d) float32, a view whose last dim is contiguous (e.g. the
     coded slots of the step's buffer). codes: (B, n, nbytes) uint8; scale: (B,) each row's coefficient scale;
-    offline: (N, w) atoms; extra: (B, M, w) each row's extra atoms (row-local index N + j is extra[b, j]); the refinement as
-    the cache stores it; center: (H, d); cos, sin: (B, n, d) to rotate (keys), or their first halves (B, n, d / 2)
+    offline: (N, w) atoms; extra: (B, M, w) each row's extra atoms (row-local index N + j is extra[b, j]); the
+    refinement as the cache stores it; center: (H, d); cos, sin: (B, n, d) to rotate (keys), or their first halves (B, n, d / 2)
     where the two halves are equal (every RoPE of transformers). False when the kernel cannot take these tensors
     (the caller takes the torch path)."""
     B, H, n, d = out.shape
@@ -137,14 +143,15 @@ def decode_into(out: torch.Tensor, codes: torch.Tensor, layout: CodeLayout, scal
     mask, rcodes = (refine_mask.contiguous(), refine_codes.contiguous()) if refined else (None, None)
     lut = _lut(layout.coef_format)
     rl = refine_layout if refined else layout
+    slots = 0 if extra is None else extra.shape[1]
     status = _library.csr_decode(
         _ptr(codes), B, n, layout.groups, layout.k, layout.index_bits, layout.index_bytes, layout.nbytes,
-        _FORMATS[layout.coef_format], _ptr(lut), _ptr(scale), _ptr(offline), offline.shape[0], _ptr(extra), 0 if extra is None else extra.shape[1], offline.shape[1],
-        _ptr(mask), mask.shape[1] if refined else 0, _ptr(rcodes), rcodes.shape[1] if refined else 0, rl.k,
-        rl.index_bytes, rl.nbytes, H, _ptr(center), _ptr(cos), _ptr(sin), 0 if cos is None else cos.shape[-1], _ptr(out),
-        out.stride(0), out.stride(1), out.stride(2), torch.get_num_threads(), _BLOCK)
+        _FORMATS[layout.coef_format], _ptr(lut), _ptr(scale), _ptr(offline), offline.shape[0], _ptr(extra), slots,
+        offline.shape[1], _ptr(mask), mask.shape[1] if refined else 0, _ptr(rcodes), rcodes.shape[1] if refined else 0,
+        rl.k, rl.index_bytes, rl.nbytes, H, _ptr(center), _ptr(cos), _ptr(sin), 0 if cos is None else cos.shape[-1],
+        _ptr(out), out.stride(0), out.stride(1), out.stride(2), torch.get_num_threads(), _BLOCK)
     if status == 2:
-        atoms = offline.shape[0] + (0 if extra is None else extra.shape[1])
+        atoms = offline.shape[0] + slots
         raise ValueError(f"a code points past the {atoms} atoms of its row: corrupt codes or the wrong dictionary")
     if status == 3:
         raise ValueError(f"the refinement flags name more vectors than the {rcodes.shape[1]} refinement codes a row holds")
