@@ -87,7 +87,7 @@ def main(argv=None) -> None:
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity, refine_fraction=0.0), "sdpa"),
         "CSR, 1-bit budget (defaults; CSR-4's bits)": (
             lambda: CSRCache(lm, args.dictionary, code_bits_per_channel=1.0), "sdpa"),
-        f"CSR-{args.sparsity}, packed, values as codes": (
+        f"CSR-{args.sparsity}, packed, attention from codes (csr_codes)": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), CSR_ATTENTION),
     }
     if args.methods:

@@ -1,4 +1,4 @@
-"""Values aggregated as codes: an attention function for transformers' `AttentionInterface`.
+"""Attention that reads the codes: an attention function for transformers' `AttentionInterface`.
 
 A CSR cache's values are v_t = A⁻¹ Σ_k c_tk D[i_tk] + μ. The attention output Σ_t w_t v_t needs no v_t:
 
@@ -6,14 +6,17 @@ A CSR cache's values are v_t = A⁻¹ Σ_k c_tk D[i_tk] + μ. The attention outp
 
 — scatter the attention weights times the coefficients onto the atoms (a: one weight per atom), then one
 product with the dictionary (N × w). The coded values are never rebuilt (`benchmarks/sparse_value_aggregation.py`
-measures the kernel alone). Keys are still decoded and rotated: RoPE makes q·k position-dependent.
+measures the scatter alone). Keys cannot be scored that way (RoPE makes q·k position-dependent), but on the CPU
+a decode step's coded keys are decoded, rotated and dotted with the queries in one pass of the kernel
+(`native.key_scores`): each key's d_h floats stay in registers, only the scores are written.
 
     import csr_runtime.attention                                # registers "csr_codes"
     model.set_attn_implementation("csr_codes")                  # or from_pretrained(..., attn_implementation=...)
     cache = CSRCache(model, dictionary)                         # sees the setting: hands values over as codes
 
 With "csr_codes" selected, a `CSRLayer` returns its values as `CodedValues` (exact sinks and window, the codes
-in between); with any other attention it returns dense values as always. Values that are plain tensors
+in between) and, for calls of a few new tokens where the CPU kernel applies, its keys as `CodedKeys`; with any
+other attention it returns dense keys and values as always. Values that are plain tensors
 (another cache, or layers left out of `coded_layers`) take the dense product, with a one-time notice.
 The softmax is eager attention's (float32), so logits match eager attention with the dense CSR path.
 """
@@ -27,28 +30,56 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
+from csr_runtime import native
+from csr_runtime.native import PackedCodes
+
 CSR_ATTENTION = "csr_codes"
+
+
+@dataclass
+class CodedKeys:
+    """One layer's keys for one decode call: [front (exact)] [coded] [back (exact)] along the sequence. The coded
+    keys are scored from their codes by the CPU kernel (decoded, rotated and dotted with the queries in one pass,
+    never stored: `native.key_scores`). The cache hands keys over this way only where that kernel applies."""
+
+    front: torch.Tensor  # (B, H, S, d) sink keys, rotated
+    back: torch.Tensor  # (B, H, W + T, d) window and the call's new keys
+    packed: PackedCodes  # the coded keys, before RoPE
+    cos: torch.Tensor  # (B, n, d or d / 2) of the coded positions, as `native.decode_into` takes them
+    sin: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        B, H, _, d = self.back.shape
+        return torch.Size((B, H, self.front.shape[2] + self.packed.n_coded + self.back.shape[2], d))
+
+    def scores(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """query (B, H, G, T, d), the G query heads of each KV head → (B, H, G, T, S) scaled scores."""
+        B, H, G, T, d = query.shape
+        exact = lambda keys: (query @ keys[:, :, None].transpose(-1, -2).to(query.dtype)) * scaling
+        coded = native.key_scores(self.packed, (query * scaling).reshape(B, H, G * T, d), self.cos, self.sin)
+        return torch.cat([exact(self.front), coded.view(B, H, G, T, -1).to(query.dtype), exact(self.back)], dim=-1)
 
 
 @dataclass
 class CodedValues:
     """One layer's values for one attention call: [front (exact)] [coded] [back (exact)] along the sequence.
 
-    idx, coef: (B, H, n, s_n, k) of the coded slots, idx row-local (offline atoms first, then the row's extra
-    atoms) — captured when the cache hands them over, before it codes the call's overflow."""
+    The coded slots as the cache holds them (`packed`, read by the CPU kernel), or — where that kernel does not
+    apply (CUDA, whitened codes, no compiler) — unpacked: idx, coef (B, H, n, s_n, k), idx row-local (offline
+    atoms first, then the row's extra atoms). Captured when the cache hands them over, before it codes the
+    call's overflow."""
 
     front: torch.Tensor  # (B, H, S, d) sink values
     back: torch.Tensor  # (B, H, W + T, d) window and the call's new values
-    idx: torch.Tensor | None  # None: nothing coded yet
-    coef: torch.Tensor | None
-    offline: torch.Tensor  # (N, w) float32, shared by the rows
-    extra: torch.Tensor | None  # (B, M, w): each row's online and guard atoms
-    center: torch.Tensor | None = None  # (H, d) μ
+    packed: PackedCodes | None  # None: nothing coded yet
+    idx: torch.Tensor | None = None  # the torch path's unpacked codes
+    coef: torch.Tensor | None = None
     unwhiten: torch.Tensor | None = None  # (H, d, d) A⁻¹
 
     @property
     def n_coded(self) -> int:
-        return 0 if self.idx is None else self.idx.shape[2]
+        return 0 if self.packed is None else self.packed.n_coded
 
     def aggregate(self, weights: torch.Tensor) -> torch.Tensor:
         """weights: (B, H, G, T, S) attention weights of the G query heads of each KV head → (B, H, G, T, d)."""
@@ -58,29 +89,35 @@ class CodedValues:
         return out if n == 0 else out + self._coded_output(coded.float()).to(out.dtype)
 
     def _coded_output(self, w: torch.Tensor) -> torch.Tensor:
-        """w: (B, H, G, T, n) → Σ_t w_t v_t over the coded slots: (B, H, G, T, d).
+        """w: (B, H, G, T, n) → Σ_t w_t v_t over the coded slots: (B, H, G, T, d)."""
+        B, H, G, T, n = w.shape
+        if self.idx is None:  # the kernel: the query heads and queries of a KV head side by side
+            return native.weighted_values(self.packed, w.reshape(B, H, G * T, n)).view(B, H, G, T, -1)
+        return self._coded_output_torch(w)
 
-        a[b, h, g, t, chunk, atom] = Σ_slot w[b, h, g, t, slot] · Σ_k coef[b, h, slot, chunk, k] · [idx = atom],
+    def _coded_output_torch(self, w: torch.Tensor) -> torch.Tensor:
+        """a[b, h, g, t, chunk, atom] = Σ_slot w[b, h, g, t, slot] · Σ_k coef[b, h, slot, chunk, k] · [idx = atom],
         split into the shared offline atoms (one product with D) and each row's extra atoms (a batched product)."""
         B, H, G, T, n = w.shape
         s_n, k = self.idx.shape[3], self.idx.shape[4]
+        offline_atoms, extra, center = self.packed.offline, self.packed.extra, self.packed.center
         src = (w[..., None, None] * self.coef[:, :, None, None]).transpose(4, 5).reshape(B, H, G, T, s_n, n * k)
         index = self.idx.long().transpose(2, 3).reshape(B, H, 1, 1, s_n, n * k).expand(B, H, G, T, s_n, n * k)
-        N = self.offline.shape[0]
+        N = offline_atoms.shape[0]
         offline = index < N
         a = torch.zeros(B, H, G, T, s_n, N, device=w.device)
         a.scatter_add_(-1, torch.where(offline, index, 0), torch.where(offline, src, 0))
-        x = a @ self.offline.float()
-        if self.extra is not None and self.extra.shape[1]:
-            M = self.extra.shape[1]
+        x = a @ offline_atoms.float()
+        if extra is not None and extra.shape[1]:
+            M = extra.shape[1]
             a = torch.zeros(B, H, G, T, s_n, M, device=w.device)
             a.scatter_add_(-1, torch.where(offline, 0, index - N), torch.where(offline, 0, src))
-            x = x + (a.view(B, -1, M) @ self.extra.float()).view(x.shape)
+            x = x + (a.view(B, -1, M) @ extra.float()).view(x.shape)
         x = x.reshape(B, H, G, T, -1)
         if self.unwhiten is not None:
             x = torch.einsum("hij,bhgtj->bhgti", self.unwhiten.float(), x)
-        if self.center is not None:
-            x = x + w.sum(-1)[..., None] * self.center.float()[None, :, None, None, :]
+        if center is not None:
+            x = x + w.sum(-1)[..., None] * center.float()[None, :, None, None, :]
         return x
 
 
@@ -104,7 +141,11 @@ def csr_attention(module, query: torch.Tensor, key: torch.Tensor, value, attenti
     B, Hq, T, d = query.shape
     H = key.shape[1]
     G = Hq // H
-    scores = (query.view(B, H, G, T, d) @ key[:, :, None].transpose(-1, -2)) * scaling  # (B, H, G, T, S)
+    query = query.view(B, H, G, T, d)
+    if isinstance(key, CodedKeys):
+        scores = key.scores(query, scaling)
+    else:
+        scores = (query @ key[:, :, None].transpose(-1, -2)) * scaling  # (B, H, G, T, S)
     mask = _full_mask(attention_mask, T, key.shape[2], query.device)
     if mask is not None and mask.dtype == torch.bool:  # SDPA's boolean mask (B, 1, T, S): True = attend
         scores = scores.masked_fill(~mask[:, :, None], float("-inf"))

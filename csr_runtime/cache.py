@@ -52,7 +52,7 @@ from csr_core.dictionary_file import DictionaryFile, ModelFingerprint, load_dict
 from csr_core.models import check_supported, model_fingerprint
 from csr_core.settings import SETTING_FIELDS, cache_settings
 from csr_runtime import native
-from csr_runtime.attention import CSR_ATTENTION, CodedValues
+from csr_runtime.attention import CSR_ATTENTION, CodedKeys, CodedValues
 from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
@@ -183,14 +183,18 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self._check_positions(positions)
         # The attention of this call sees the compressed past plus its own tokens exactly (as in
         # transformers' QuantizedLayer); the new tokens are coded for later calls afterwards.
-        keys_out = self._assemble("keys", self.keys, key_states)
         as_codes = getattr(self.config, "_attn_implementation", None) == CSR_ATTENTION
+        keys_as_codes = as_codes and self._keys_as_codes(key_states)
+        if not keys_as_codes:
+            keys_out = self._assemble("keys", self.keys, key_states)
         if not as_codes:
             values_out = self._assemble("values", self.values, value_states)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if as_codes:  # the window now ends with the new values; the codes are read before this call's are added
+        if as_codes:  # the window now ends with the new tokens; the codes are read before this call's are added
             values_out = self._coded_values()
+            if keys_as_codes:
+                keys_out = CodedKeys(self.sink_keys, self.keys, self._packed("keys"), *self._coded_cos_sin(halves=True))
         overflow = self.keys.shape[-2] - self.settings.window
         if overflow >= self.settings.coding_batch:  # fewer wait, exact: coding one token costs as much as eight
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
@@ -477,11 +481,21 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         codes, CUDA, half-precision buffers, `CSR_NATIVE=0`): the caller takes the torch path."""
         if store.unwhiten is not None or coded.device.type != "cpu" or coded.dtype != torch.float32:
             return False
-        codebook = store.codebook
         cos, sin = self._coded_cos_sin(halves=True) if kind == "keys" else (None, None)
-        return native.decode_into(
-            coded, store.codes, store.layout, store.scale, codebook.offline, codebook.extra, refine_mask=store.refine_mask,
-            refine_codes=store.refine_codes, refine_layout=store.refine_layout, center=store.center, cos=cos, sin=sin)
+        return native.decode_into(coded, self._packed(kind), cos, sin)
+
+    def _packed(self, kind: str) -> native.PackedCodes:
+        """One kind's codes as they stand (the kernels' view of them; later coding replaces, never edits, them)."""
+        store = self.stores[kind]
+        return native.PackedCodes(store.codes, store.layout, store.scale, store.codebook.offline, store.codebook.extra,
+                                  store.refine_mask, store.refine_codes, store.refine_layout, store.center)
+
+    def _keys_as_codes(self, new_keys: torch.Tensor) -> bool:
+        """Whether this call's attention scores the coded keys from their codes (`CodedKeys`): something is coded, the
+        CPU kernel applies, and the call brings a few tokens (a decode step; a long chunk is a matrix product)."""
+        store = self.stores["keys"]
+        return (self.n_coded > 0 and new_keys.shape[2] <= 8 and store.unwhiten is None and new_keys.device.type == "cpu"
+                and native.applies(self._packed("keys")))
 
     def _step_buffer(self, name: str, shape, dtype) -> torch.Tensor:
         """A tensor every layer of a step may use for `name` in turn: what `update` returns is read by the layer's
@@ -495,9 +509,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         """The values as `csr_runtime.attention` aggregates them: exact sinks, the codes, the exact window (which
         holds the call's new values)."""
         store, H = self.stores["values"], self.values.shape[1]
-        idx, coef = self._unpacked(store, H, self.settings.s_n_values, row_local=True) if self.n_coded else (None, None)
-        return CodedValues(self.sink_values, self.values, idx, coef, store.codebook.offline, store.codebook.extra,
-                           store.center, store.unwhiten)
+        if self.n_coded == 0:
+            return CodedValues(self.sink_values, self.values, None)
+        packed = self._packed("values")
+        if store.unwhiten is None and self.values.device.type == "cpu" and native.applies(packed):
+            return CodedValues(self.sink_values, self.values, packed)  # the kernel reads the packed codes
+        idx, coef = self._unpacked(store, H, self.settings.s_n_values, row_local=True)
+        return CodedValues(self.sink_values, self.values, packed, idx, coef, store.unwhiten)
 
     def read_back(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (rotated) and values of every held token, as the next step's attention will read them."""

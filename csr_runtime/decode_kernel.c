@@ -1,11 +1,17 @@
-/* CSR's decode step on the CPU, fused: packed codes -> keys or values as attention reads them.
+/* CSR's decode step on the CPU, fused: packed codes -> what attention reads.
  *
- * For every coded token of every row and every KV head, in one pass over the codes and without
- * temporaries: unpack the head's indices and coefficients (the bit layout of csr_core/code_layout.py),
- * sum coef * atom over the row's atoms (what embedding_bag does in the torch path), add the refined
- * vectors' extra atoms (one flag bit per vector, their codes in order in a second stream), add the
- * centre, rotate by RoPE when cos/sin are given, and write the head vector into its slot of `out`.
+ * csr_decode: for every coded token of every row and every KV head, in one pass over the codes and
+ * without temporaries: unpack the head's indices and coefficients (the bit layout of
+ * csr_core/code_layout.py), sum coef * atom over the row's atoms (what embedding_bag does in the torch
+ * path), add the refined vectors' extra atoms (one flag bit per vector, their codes in order in a second
+ * stream), add the centre, rotate by RoPE when cos/sin are given, and then either write the head vector
+ * into its slot of `out` (OP_DECODE) or, for keys, only its dot products with the G query heads that share
+ * the KV head (OP_SCORE: G floats written instead of d_h; the keys are never stored).
  * The torch path it replaces (csr_runtime/cache.py, `_assemble`) makes ~25 passes over the same data.
+ *
+ * csr_value_weights: values aggregated as codes. sum_t w_t v_t = sum_atoms a_atom * atom + mu * sum_t w_t with
+ * a_atom = sum of w_t * coef over the pairs naming that atom: one scatter per pair instead of a d_h-wide
+ * decode per value; the product of a with the atoms is left to BLAS (csr_runtime/native.py).
  *
  * Built and loaded by csr_runtime/native.py with the system C compiler; parity with the torch
  * path is tested in tests/test_native.py.
@@ -99,12 +105,24 @@ static int64_t popcount_prefix(const uint8_t *mask, int64_t bits) {
     return count;
 }
 
+/* sum a[j] * b[j] in 8 lanes (vectorised without reassociation flags) */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float lane[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s = 0.0f;
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int i = 0; i < 8; i++) lane[i] += a[j + i] * b[j + i];
+    for (; j < n; j++) s += a[j] * b[j];
+    return s + (((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7])));
+}
+
+enum { OP_DECODE = 0, OP_SCORE = 1 };
+
 typedef struct {
     const uint8_t *codes, *mask, *rcodes;
-    int64_t B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block, rope_width;
+    int64_t B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block, rope_width, op, G;
     layout_t L, RL;
-    const float *lut, *row_scale, *offline, *extra, *center, *cos, *sin;
-    float *out;
+    const float *lut, *row_scale, *offline, *extra, *center, *cos, *sin, *query;
+    float *out; /* OP_DECODE: (B, H, n, d) at strides so_*; OP_SCORE: scores (B, H, G, n) */
 } job_t;
 
 /* Tokens t0..t1 of row b. w and s_n are constants where the caller inlines it for the usual shapes. */
@@ -118,7 +136,7 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
     const uint8_t *rcodes_end = J->rcodes ? J->rcodes + J->B * J->R * J->RL.nbytes : 0;
     int64_t refined = row_mask ? popcount_prefix(row_mask, t0 * groups) : 0; /* this row's codes before t0 */
     int64_t idx[MAX_FIELDS], ridx[MAX_FIELDS];
-    float coef[MAX_FIELDS], rcoef[MAX_FIELDS], acc[MAX_DIM], more[MAX_DIM];
+    float coef[MAX_FIELDS], rcoef[MAX_FIELDS], acc[MAX_DIM], more[MAX_DIM], rotated[MAX_DIM];
     int status = 0;
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
@@ -140,7 +158,7 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
             }
             if (J->center)
                 for (int64_t j = 0; j < d; j++) acc[j] += J->center[h * d + j];
-            float *o = J->out + b * J->so_b + h * J->so_h + t * J->so_t;
+            float *o = J->op == OP_DECODE ? J->out + b * J->so_b + h * J->so_h + t * J->so_t : rotated;
             if (J->cos) { /* rope_width d: full cos/sin rows; d/2: their first halves (the halves are equal) */
                 const int64_t rw = J->rope_width, second = rw == d ? half : 0;
                 const float *cs = J->cos + (b * J->n + t) * rw, *sn = J->sin + (b * J->n + t) * rw;
@@ -149,12 +167,19 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
             } else {
                 for (int64_t j = 0; j < d; j++) o[j] = acc[j];
             }
+            if (J->op == OP_SCORE) { /* the G query heads of KV head h: (B, H, G, d) queries, (B, H, G, n) scores */
+                const float *q = J->query + (b * J->H + h) * J->G * d;
+                float *score = J->out + (b * J->H + h) * J->G * J->n + t;
+                for (int64_t g = 0; g < J->G; g++) score[g * J->n] = dot(q + g * d, rotated, d);
+            }
         }
     }
     return status;
 }
 
-/* Returns 0; 1 when head_dim or a code's pair count is over what the stack buffers hold (the caller takes the
+/* OP_DECODE writes every decoded vector into out; OP_SCORE writes each one's dot products with the G query
+   heads of its KV head, query (B, H, G, d) -> out (B, H, G, n).
+   Returns 0; 1 when head_dim or a code's pair count is over what the stack buffers hold (the caller takes the
    torch path); 2 for an index past a row's atoms; 3 for more refined vectors than refinement codes. */
 int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64_t k, int64_t index_bits,
                int64_t index_bytes, int64_t nbytes, int64_t fmt, const float *lut, const float *row_scale,
@@ -162,13 +187,13 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
                const uint8_t *mask, int64_t mask_bytes, const uint8_t *rcodes, int64_t R, int64_t rk,
                int64_t r_index_bytes, int64_t r_nbytes, int64_t H, const float *center, const float *cos,
                const float *sin, int64_t rope_width, float *out, int64_t so_b, int64_t so_h, int64_t so_t,
-               int64_t threads, int64_t block) {
+               int64_t op, int64_t G, const float *query, int64_t threads, int64_t block) {
     const int64_t s_n = groups / H;
     if (s_n * w > MAX_DIM || groups * k > MAX_FIELDS || rk > MAX_FIELDS) return 1;
     const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block,
-                     rope_width, {groups, k, index_bits, index_bytes, nbytes, fmt},
+                     rope_width, op, G, {groups, k, index_bits, index_bytes, nbytes, fmt},
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, offline, extra, center,
-                     cos, sin, out};
+                     cos, sin, query, out};
     const int64_t blocks = (n + block - 1) / block;
     int status = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
@@ -184,3 +209,66 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
     return status & 1 ? 2 : status & 2 ? 3 : 0;
 }
 
+
+/* Tokens t0..t1 of row b, values as codes: a[h, g, c, atom] += w[b, h, g, t] * coef for every pair of chunk c of
+   head h (the refined vectors' extra pairs too). a: this job's (H, G, s_n, atoms) accumulator. */
+static int scatter_block(const job_t *J, const float *weights, float *a, int64_t atoms, int64_t b, int64_t t0,
+                         int64_t t1) {
+    const int64_t groups = J->L.groups, k = J->L.k, rk = J->RL.k, H = J->H, G = J->G, s_n = groups / H;
+    const float scale = J->row_scale[b];
+    const uint8_t *row_mask = J->mask ? J->mask + b * J->mask_bytes : 0;
+    const uint8_t *codes_end = J->codes + J->B * J->n * J->L.nbytes;
+    const uint8_t *rcodes_end = J->rcodes ? J->rcodes + J->B * J->R * J->RL.nbytes : 0;
+    int64_t refined = row_mask ? popcount_prefix(row_mask, t0 * groups) : 0;
+    int64_t idx[MAX_FIELDS], ridx[MAX_FIELDS];
+    float coef[MAX_FIELDS], rcoef[MAX_FIELDS], w[MAX_FIELDS];
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
+        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
+        for (int64_t h = 0; h < H; h++) {
+            for (int64_t g = 0; g < G; g++) w[g] = weights[((b * H + h) * G + g) * J->n + t];
+            for (int64_t c = 0; c < s_n; c++) {
+                const int64_t v = t * groups + h * s_n + c;
+                float *ac = a + (h * G * s_n + c) * atoms; /* + g * s_n * atoms for query head g */
+                for (int64_t p = 0; p < k; p++) {
+                    const int64_t i = idx[(h * s_n + c) * k + p];
+                    if (i >= atoms) return 1;
+                    for (int64_t g = 0; g < G; g++) ac[g * s_n * atoms + i] += w[g] * coef[(h * s_n + c) * k + p];
+                }
+                if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) {
+                    if (refined >= J->R) return 2;
+                    const uint8_t *rcode = J->rcodes + (b * J->R + refined++) * J->RL.nbytes;
+                    unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
+                    for (int64_t p = 0; p < rk; p++) {
+                        if (ridx[p] >= atoms) return 1;
+                        for (int64_t g = 0; g < G; g++) ac[g * s_n * atoms + ridx[p]] += w[g] * rcoef[p];
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* weights (B, H, G, n) -> a (P, B, H, G, s_n, atoms), zeroed by the caller: part p holds the sums over the p-th
+   of P equal token ranges (threads never write the same floats; the caller adds the parts).
+   Returns 0; 1 when a pair count is over the stack buffers; 2 for an index past a row's atoms; 3 for more
+   refined vectors than refinement codes. */
+int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64_t k, int64_t index_bits,
+                      int64_t index_bytes, int64_t nbytes, int64_t fmt, const float *lut, const float *row_scale,
+                      int64_t atoms, const uint8_t *mask, int64_t mask_bytes, const uint8_t *rcodes, int64_t R,
+                      int64_t rk, int64_t r_index_bytes, int64_t r_nbytes, int64_t H, int64_t G,
+                      const float *weights, float *a, int64_t P, int64_t threads) {
+    if (groups * k > MAX_FIELDS || rk > MAX_FIELDS || G > MAX_FIELDS) return 1;
+    const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, 0, 0, 0, 0, 0, 0, 0, 0, G,
+                     {groups, k, index_bits, index_bytes, nbytes, fmt},
+                     {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t per_row = H * G * (groups / H) * atoms;
+    int status = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
+    for (int64_t job = 0; job < P * B; job++) {
+        const int64_t p = job / B, b = job % B;
+        status |= 1 << scatter_block(&J, weights, a + (p * B + b) * per_row, atoms, b, n * p / P, n * (p + 1) / P);
+    }
+    return status & 4 ? 3 : status & 2 ? 2 : 0;
+}

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from csr_core.code_layout import CodeLayout
 from csr_core.paths import cache_root
 from csr_runtime.code_packing import e3m1_values
 
-__all__ = ["available", "decode_into", "find_compiler"]
+__all__ = ["PackedCodes", "applies", "available", "decode_into", "find_compiler", "key_scores", "weighted_values"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -86,7 +87,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.csr_decode.restype = ctypes.c_int
     lib.csr_decode.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64,
-                               ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64]
+                               ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
+                               i64, i64, ptr, i64, i64]
+    lib.csr_value_weights.restype = ctypes.c_int
+    lib.csr_value_weights.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64,
+                                      i64, i64, i64, i64, i64, ptr, ptr, i64, i64]
     return lib
 
 
@@ -119,41 +124,126 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def decode_into(out: torch.Tensor, codes: torch.Tensor, layout: CodeLayout, scale: torch.Tensor, offline: torch.Tensor,
-                extra: torch.Tensor | None = None, *, refine_mask: torch.Tensor | None = None,
-                refine_codes: torch.Tensor | None = None, refine_layout: CodeLayout | None = None,
-                center: torch.Tensor | None = None, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                ) -> bool:
+@dataclass(frozen=True)
+class PackedCodes:
+    """One kind's codes (keys or values) of one layer as the cache holds them: what the kernels read.
+
+    codes: (B, n, nbytes) uint8; scale: (B,) each row's coefficient scale; offline: (N, w) atoms; extra: (B, M, w)
+    each row's extra atoms (row-local index N + j is extra[b, j]); the refinement as the cache stores it (a flag
+    bit per coded vector, the refined vectors' codes in order); center: (H, d) μ."""
+
+    codes: torch.Tensor
+    layout: CodeLayout
+    scale: torch.Tensor
+    offline: torch.Tensor
+    extra: torch.Tensor | None = None
+    refine_mask: torch.Tensor | None = None
+    refine_codes: torch.Tensor | None = None
+    refine_layout: CodeLayout | None = None
+    center: torch.Tensor | None = None
+
+    @property
+    def n_coded(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def atoms(self) -> int:
+        """Atoms a row's indices may name: the offline ones and the row's extra slots."""
+        return self.offline.shape[0] + (0 if self.extra is None else self.extra.shape[1])
+
+    def _arguments(self) -> tuple[list, list, list]:
+        """The codes' part of the kernels' arguments: (before the atoms, the refinement, the tensors the pointers
+        point into — the caller holds them until the kernel returns)."""
+        refined = self.refine_codes is not None and self.refine_codes.shape[1] > 0
+        codes, scale = self.codes.contiguous(), self.scale.float().contiguous()
+        mask, rcodes = (self.refine_mask.contiguous(), self.refine_codes.contiguous()) if refined else (None, None)
+        layout, rl = self.layout, self.refine_layout if refined else self.layout
+        if codes.dtype != torch.uint8 or codes.shape[2] != layout.nbytes:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} ({codes.dtype}) are not {layout.nbytes}-byte codes "
+                             "(uint8)")
+        return [_ptr(codes), codes.shape[0], codes.shape[1], layout.groups, layout.k, layout.index_bits,
+                layout.index_bytes, layout.nbytes, _FORMATS[layout.coef_format], _ptr(_lut(layout.coef_format)),
+                _ptr(scale)], [_ptr(mask), mask.shape[1] if refined else 0, _ptr(rcodes),
+                               rcodes.shape[1] if refined else 0, rl.k, rl.index_bytes, rl.nbytes], \
+            [codes, scale, mask, rcodes]
+
+
+def _check(status: int, packed: PackedCodes) -> bool:
+    if status == 2:
+        raise ValueError(f"a code points past the {packed.atoms} atoms of its row: corrupt codes or the wrong dictionary")
+    if status == 3:
+        raise ValueError(f"the refinement flags name more vectors than the {packed.refine_codes.shape[1]} refinement "
+                         "codes a row holds")
+    return status == 0
+
+
+def _run_decode(packed: PackedCodes, H: int, out: torch.Tensor, strides, op: int, G: int, query, cos, sin) -> int:
+    contiguous = lambda t: None if t is None else t.float().contiguous()
+    offline, extra, center, cos, sin, query = map(contiguous, (packed.offline, packed.extra, packed.center, cos, sin,
+                                                               query))
+    head, refinement, _held = packed._arguments()
+    slots = 0 if extra is None else extra.shape[1]
+    return _library.csr_decode(
+        *head, _ptr(offline), offline.shape[0], _ptr(extra), slots, offline.shape[1], *refinement, H, _ptr(center),
+        _ptr(cos), _ptr(sin), 0 if cos is None else cos.shape[-1], _ptr(out), *strides, op, G, _ptr(query),
+        torch.get_num_threads(), _BLOCK)
+
+
+def decode_into(out: torch.Tensor, packed: PackedCodes, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None) -> bool:
     """Decode every row's codes into `out` (B, H, n, d) float32, a view whose last dim is contiguous (e.g. the
-    coded slots of the step's buffer). codes: (B, n, nbytes) uint8; scale: (B,) each row's coefficient scale;
-    offline: (N, w) atoms; extra: (B, M, w) each row's extra atoms (row-local index N + j is extra[b, j]); the
-    refinement as the cache stores it; center: (H, d); cos, sin: (B, n, d) to rotate (keys), or their first halves (B, n, d / 2)
+    coded slots of the step's buffer). cos, sin: (B, n, d) to rotate (keys), or their first halves (B, n, d / 2)
     where the two halves are equal (every RoPE of transformers). False when the kernel cannot take these tensors
     (the caller takes the torch path)."""
     B, H, n, d = out.shape
     if not available() or out.device.type != "cpu" or out.dtype != torch.float32 or out.stride(-1) != 1:
         return False
-    if codes.shape != (B, n, layout.nbytes) or codes.dtype != torch.uint8:
-        raise ValueError(f"codes of shape {tuple(codes.shape)} ({codes.dtype}) do not match {B} rows of {n} codes of "
-                         f"{layout.nbytes} bytes (uint8)")
-    refined = refine_codes is not None and refine_codes.shape[1] > 0
-    contiguous = lambda t: None if t is None else t.float().contiguous()
-    offline, extra, center, cos, sin, scale = map(contiguous, (offline, extra, center, cos, sin, scale))
-    codes = codes.contiguous()
-    mask, rcodes = (refine_mask.contiguous(), refine_codes.contiguous()) if refined else (None, None)
-    lut = _lut(layout.coef_format)
-    rl = refine_layout if refined else layout
-    slots = 0 if extra is None else extra.shape[1]
-    status = _library.csr_decode(
-        _ptr(codes), B, n, layout.groups, layout.k, layout.index_bits, layout.index_bytes, layout.nbytes,
-        _FORMATS[layout.coef_format], _ptr(lut), _ptr(scale), _ptr(offline), offline.shape[0], _ptr(extra), slots,
-        offline.shape[1], _ptr(mask), mask.shape[1] if refined else 0, _ptr(rcodes), rcodes.shape[1] if refined else 0,
-        rl.k, rl.index_bytes, rl.nbytes, H, _ptr(center), _ptr(cos), _ptr(sin), 0 if cos is None else cos.shape[-1],
-        _ptr(out), out.stride(0), out.stride(1), out.stride(2), torch.get_num_threads(), _BLOCK)
-    if status == 2:
-        atoms = offline.shape[0] + slots
-        raise ValueError(f"a code points past the {atoms} atoms of its row: corrupt codes or the wrong dictionary")
-    if status == 3:
-        raise ValueError(f"the refinement flags name more vectors than the {rcodes.shape[1]} refinement codes a row holds")
-    return status == 0
+    if packed.codes.shape[:2] != (B, n):
+        raise ValueError(f"codes of shape {tuple(packed.codes.shape)} do not match {B} rows of {n} codes")
+    status = _run_decode(packed, H, out, (out.stride(0), out.stride(1), out.stride(2)), 0, 0, None, cos, sin)
+    return _check(status, packed)
 
+
+def applies(packed: PackedCodes) -> bool:
+    """Whether the kernels can read these codes: built, on the CPU, float32 atoms."""
+    return available() and packed.codes.device.type == "cpu" and packed.offline.dtype == torch.float32
+
+
+def key_scores(packed: PackedCodes, query: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
+               ) -> torch.Tensor | None:
+    """query: (B, H, G, d) one query per head, the G query heads of each KV head, already scaled → (B, H, G, n) float32
+    q · k_t for every coded key k_t, each decoded (and rotated by cos/sin as in `decode_into`) inside the kernel and
+    never stored. None when the kernel cannot take these tensors."""
+    B, H, G, d = query.shape
+    if not applies(packed) or query.device.type != "cpu":
+        return None
+    n = packed.n_coded
+    scores = torch.empty(B, H, G, n, dtype=torch.float32)
+    status = _run_decode(packed, H, scores, (0, 0, 0), 1, G, query, cos, sin)
+    return scores if _check(status, packed) else None
+
+
+def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor | None:
+    """weights: (B, H, G, n) attention weights of the coded slots → Σ_t w_t v_t (B, H, G, d) float32, values aggregated
+    as codes: each pair adds w_t · coef to its atom's weight (the kernel), then one product with the atoms (BLAS)
+    and μ Σ_t w_t. None when the kernel cannot take these tensors."""
+    B, H, G, n = weights.shape
+    if not applies(packed) or weights.device.type != "cpu":
+        return None
+    threads = torch.get_num_threads()
+    parts = max(1, min(threads // B, n // 256))  # rows in parallel; a row's tokens split where rows are fewer
+    s_n, atoms, N = packed.layout.groups // H, packed.atoms, packed.offline.shape[0]
+    a = torch.zeros(parts, B, H, G, s_n, atoms)
+    weights = weights.float().contiguous()
+    head, refinement, _held = packed._arguments()
+    status = _library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _ptr(a), parts, threads)
+    if status == 1 or not _check(status, packed):
+        return None
+    a = a.sum(0) if parts > 1 else a[0]  # (B, H, G, s_n, atoms)
+    out = a[..., :N] @ packed.offline.float()
+    if atoms > N:  # each row's own extra atoms
+        out += (a[..., N:].reshape(B, -1, atoms - N) @ packed.extra.float()).view(out.shape)
+    out = out.reshape(B, H, G, -1)
+    if packed.center is not None:
+        out += weights.sum(-1, keepdim=True) * packed.center.float()[None, :, None]
+    return out

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import csr_runtime.attention as attention
+from csr_runtime import native
 from csr_runtime.attention import CSR_ATTENTION, CodedValues
 from csr_runtime.cache import CSRCache
 from tests.conftest import tiny_llama
@@ -48,10 +49,17 @@ def test_code_domain_values_match_the_dense_path_on_smollm2(smollm2, smollm2_kme
     calls = []
     aggregate = CodedValues.aggregate
     monkeypatch.setattr(CodedValues, "aggregate", lambda self, w: calls.append(self.n_coded) or aggregate(self, w))
+    kernel_calls = []
+    if native.find_compiler() is not None:  # where the CPU kernel builds, decode steps score the keys from codes
+        for name in ("key_scores", "weighted_values"):
+            original = getattr(native, name)
+            monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name: kernel_calls.append(_n) or _f(*a))
     ids = torch.randint(0, 49152, (1, 72), generator=torch.Generator().manual_seed(0))
     make = lambda: CSRCache(lm, smollm2_kmeans_dictionary, sparsity=4, window=8)  # values: s_n = 2 chunks
     dense, codes = dense_and_codes(lm, ids, make, prefill=48)
     assert max(calls) >= 36  # 48 − 4 sinks − 8 window: the coded slots really went through the scatter onto atoms
+    if native.find_compiler() is not None:  # 30 layers × 3 one-token steps, keys and values
+        assert kernel_calls.count("key_scores") == 90 and kernel_calls.count("weighted_values") >= 90
     # the prefill (nothing coded yet) runs PyTorch's fused attention, not eager's: float32 summation order
     torch.testing.assert_close(codes, dense, atol=1e-3, rtol=0)
 

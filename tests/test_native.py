@@ -64,6 +64,31 @@ def test_kernel_reads_back_what_the_torch_path_reads(layout, head_dim, monkeypat
 
 
 @needs_compiler
+@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("layout", [dict(coef_format="e3m1"), dict(coef_format="int8"),
+                                    dict(coef_format="fp16", index_bits=16)])
+def test_scores_and_weighted_values_from_codes_equal_the_decoded_products(layout, head_dim):
+    """The attention kernels (`key_scores`, `weighted_values`) against q·k and Σ w v over the read-back coded slots."""
+    lm = tiny_llama(n_layers=2, heads=6, kv_heads=2, head_dim=head_dim)  # 3 query heads per KV head
+    cache = _left_padded_cache(lm, _dictionary(lm, head_dim), sparsity_keys=3, sparsity_values=2, refine_fraction=0.3,
+                               refine_atoms=2, online_atoms=8, guard_atoms=8, guard_threshold=0.05, sink_tokens=2,
+                               window=3, coding_batch=4, **layout)
+    g = torch.Generator().manual_seed(5)
+    for layer in cache.layers:
+        keys, values = layer.read_back()
+        start, n = layer._sink_len(), layer.n_coded
+        keys, values = keys[:, :, start : start + n], values[:, :, start : start + n]  # (B, H, n, d)
+        B, H, _, d = keys.shape
+        query = torch.randn(B, H, 3, d, generator=g)
+        scores = native.key_scores(layer._packed("keys"), query, *layer._coded_cos_sin(halves=True))
+        torch.testing.assert_close(scores, query @ keys.transpose(-1, -2), atol=1e-4, rtol=1e-4)
+        weights = torch.rand(B, H, 3, n, generator=g)
+        torch.testing.assert_close(native.weighted_values(layer._packed("values"), weights), weights @ values,
+                                   atol=1e-4, rtol=1e-4)
+        layer.step_memo.clear()
+
+
+@needs_compiler
 def test_generation_with_the_kernel_equals_the_torch_path(monkeypatch):
     lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=64)
     dictionary = _dictionary(lm, 64)
@@ -87,9 +112,11 @@ def test_codes_past_the_table_are_refused():
     table = torch.nn.functional.normalize(torch.randn(10, 16), dim=-1)
     out = torch.empty(1, 1, 1, 16)
     with pytest.raises(ValueError, match="past the 10 atoms"):
-        native.decode_into(out, codes, layout, torch.ones(1), table)
+        native.decode_into(out, native.PackedCodes(codes, layout, torch.ones(1), table))
+    with pytest.raises(ValueError, match="past the 10 atoms"):
+        native.weighted_values(native.PackedCodes(codes, layout, torch.ones(1), table), torch.ones(1, 1, 1, 1))
     good = pack_codes(torch.tensor([[[3, 7]]]), torch.tensor([[[0.5, -0.25]]]), layout).view(1, 1, -1)
-    assert native.decode_into(out, good, layout, torch.ones(1), table)
+    assert native.decode_into(out, native.PackedCodes(good, layout, torch.ones(1), table))
     torch.testing.assert_close(out[0, 0, 0], 0.5 * table[3] - 0.25 * table[7])
 
 
