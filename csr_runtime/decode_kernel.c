@@ -177,6 +177,76 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
     return status;
 }
 
+/* OP_SCORE for head vectors of one chunk (s_n = 1) and d = 8 * V: the same arithmetic as decode_block, held in V
+   vector registers of 8 floats (GCC/clang vector extensions), the key never leaving them. */
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+static inline __attribute__((always_inline)) int add_atoms_v8(v8 *acc, const int64_t *idx, const float *coef,
+                                                                         int64_t k, const float *offline, int64_t n_offline,
+                                                                         const float *row_extra, int64_t slots, const int V) {
+    for (int64_t a = 0; a < k; a++) {
+        const int64_t i = idx[a];
+        if (i >= n_offline + slots) return 1;
+        const float *atom = i < n_offline ? offline + i * 8 * V : row_extra + (i - n_offline) * 8 * V;
+        const v8 c = {coef[a], coef[a], coef[a], coef[a], coef[a], coef[a], coef[a], coef[a]};
+        for (int j = 0; j < V; j++) acc[j] += c * load8(atom + 8 * j);
+    }
+    return 0;
+}
+
+static inline __attribute__((always_inline)) int score_block(const job_t *J, int64_t b, int64_t t0, int64_t t1,
+                                                                       const int V) {
+    const int64_t d = 8 * V, groups = J->L.groups, k = J->L.k, rk = J->RL.k, G = J->G;
+    const float scale = J->row_scale[b];
+    const float *row_extra = J->extra ? J->extra + b * J->slots * d : 0;
+    const uint8_t *row_mask = J->mask ? J->mask + b * J->mask_bytes : 0;
+    const uint8_t *codes_end = J->codes + J->B * J->n * J->L.nbytes;
+    const uint8_t *rcodes_end = J->rcodes ? J->rcodes + J->B * J->R * J->RL.nbytes : 0;
+    int64_t refined = row_mask ? popcount_prefix(row_mask, t0 * groups) : 0;
+    int64_t idx[MAX_FIELDS], ridx[MAX_FIELDS];
+    float coef[MAX_FIELDS], rcoef[MAX_FIELDS];
+    int status = 0;
+    for (int64_t t = t0; t < t1; t++) {
+        const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
+        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
+        const int64_t rw = J->rope_width;
+        const float *cs = J->cos ? J->cos + (b * J->n + t) * rw : 0, *sn = J->sin ? J->sin + (b * J->n + t) * rw : 0;
+        for (int64_t h = 0; h < groups; h++) {
+            v8 acc[V];
+            for (int j = 0; j < V; j++) acc[j] = J->center ? load8(J->center + h * d + 8 * j) : (v8){0};
+            status |= add_atoms_v8(acc, idx + h * k, coef + h * k, k, J->offline, J->n_offline, row_extra, J->slots, V);
+            const int64_t v = t * groups + h;
+            if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) {
+                if (refined >= J->R) return status | 2;
+                const uint8_t *rcode = J->rcodes + (b * J->R + refined++) * J->RL.nbytes;
+                unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
+                status |= add_atoms_v8(acc, ridx, rcoef, rk, J->offline, J->n_offline, row_extra, J->slots, V);
+            }
+            v8 rot[V];
+            if (cs) { /* x[j] cos - x[j + d/2] sin | x[j + d/2] cos' + x[j] sin' (cos' = cos where rw = d/2) */
+                const int H2 = V / 2;
+                const float *cs2 = rw == d ? cs + d / 2 : cs, *sn2 = rw == d ? sn + d / 2 : sn;
+                for (int j = 0; j < H2; j++) {
+                    rot[j] = acc[j] * load8(cs + 8 * j) - acc[j + H2] * load8(sn + 8 * j);
+                    rot[j + H2] = acc[j + H2] * load8(cs2 + 8 * j) + acc[j] * load8(sn2 + 8 * j);
+                }
+            } else {
+                for (int j = 0; j < V; j++) rot[j] = acc[j];
+            }
+            const float *q = J->query + (b * groups + h) * G * d;
+            float *score = J->out + (b * groups + h) * G * J->n + t;
+            for (int64_t g = 0; g < G; g++) {
+                v8 sum = rot[0] * load8(q + g * d);
+                for (int j = 1; j < V; j++) sum += rot[j] * load8(q + g * d + 8 * j);
+                score[g * J->n] = sum8(sum);
+            }
+        }
+    }
+    return status;
+}
+
 /* OP_DECODE writes every decoded vector into out; OP_SCORE writes each one's dot products with the G query
    heads of its KV head, query (B, H, G, d) -> out (B, H, G, n).
    Returns 0; 1 when head_dim or a code's pair count is over what the stack buffers hold (the caller takes the
@@ -199,7 +269,11 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
     for (int64_t job = 0; job < B * blocks; job++) {
         const int64_t b = job / blocks, t0 = (job % blocks) * block, t1 = t0 + block < n ? t0 + block : n;
-        if (w == 64 && s_n == 1) /* keys and values of d_h = 64 (SmolLM2) */
+        if (op == OP_SCORE && w == 64 && s_n == 1) /* a decode step's keys, d_h = 64 (SmolLM2) */
+            status |= score_block(&J, b, t0, t1, 8);
+        else if (op == OP_SCORE && w == 128 && s_n == 1) /* d_h = 128 (Llama 2/3, Qwen) */
+            status |= score_block(&J, b, t0, t1, 16);
+        else if (w == 64 && s_n == 1) /* keys and values of d_h = 64 (SmolLM2) */
             status |= decode_block(&J, b, t0, t1, 64, 1);
         else if (w == 128 && s_n == 1) /* d_h = 128 (Llama 2/3, Qwen) */
             status |= decode_block(&J, b, t0, t1, 128, 1);
@@ -210,8 +284,9 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
 }
 
 
-/* Tokens t0..t1 of row b, values as codes: a[h, g, c, atom] += w[b, h, g, t] * coef for every pair of chunk c of
-   head h (the refined vectors' extra pairs too). a: this job's (H, G, s_n, atoms) accumulator. */
+/* Tokens t0..t1 of row b, values as codes: a[h, c, atom, g] += w[b, h, g, t] * coef for every pair of chunk c of
+   head h (the refined vectors' extra pairs too); the G query heads' weights of one atom side by side, so a pair
+   touches one cache line. a: this job's (H, s_n, atoms, G) accumulator. */
 static int scatter_block(const job_t *J, const float *weights, float *a, int64_t atoms, int64_t b, int64_t t0,
                          int64_t t1) {
     const int64_t groups = J->L.groups, k = J->L.k, rk = J->RL.k, H = J->H, G = J->G, s_n = groups / H;
@@ -229,11 +304,12 @@ static int scatter_block(const job_t *J, const float *weights, float *a, int64_t
             for (int64_t g = 0; g < G; g++) w[g] = weights[((b * H + h) * G + g) * J->n + t];
             for (int64_t c = 0; c < s_n; c++) {
                 const int64_t v = t * groups + h * s_n + c;
-                float *ac = a + (h * G * s_n + c) * atoms; /* + g * s_n * atoms for query head g */
+                float *ac = a + (h * s_n + c) * atoms * G;
                 for (int64_t p = 0; p < k; p++) {
                     const int64_t i = idx[(h * s_n + c) * k + p];
+                    const float cf = coef[(h * s_n + c) * k + p];
                     if (i >= atoms) return 1;
-                    for (int64_t g = 0; g < G; g++) ac[g * s_n * atoms + i] += w[g] * coef[(h * s_n + c) * k + p];
+                    for (int64_t g = 0; g < G; g++) ac[i * G + g] += w[g] * cf;
                 }
                 if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) {
                     if (refined >= J->R) return 2;
@@ -241,7 +317,7 @@ static int scatter_block(const job_t *J, const float *weights, float *a, int64_t
                     unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
                     for (int64_t p = 0; p < rk; p++) {
                         if (ridx[p] >= atoms) return 1;
-                        for (int64_t g = 0; g < G; g++) ac[g * s_n * atoms + ridx[p]] += w[g] * rcoef[p];
+                        for (int64_t g = 0; g < G; g++) ac[ridx[p] * G + g] += w[g] * rcoef[p];
                     }
                 }
             }
@@ -250,7 +326,7 @@ static int scatter_block(const job_t *J, const float *weights, float *a, int64_t
     return 0;
 }
 
-/* weights (B, H, G, n) -> a (P, B, H, G, s_n, atoms), zeroed by the caller: part p holds the sums over the p-th
+/* weights (B, H, G, n) -> a (P, B, H, s_n, atoms, G), zeroed by the caller: part p holds the sums over the p-th
    of P equal token ranges (threads never write the same floats; the caller adds the parts).
    Returns 0; 1 when a pair count is over the stack buffers; 2 for an index past a row's atoms; 3 for more
    refined vectors than refinement codes. */

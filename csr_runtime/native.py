@@ -233,17 +233,17 @@ def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor 
     threads = torch.get_num_threads()
     parts = max(1, min(threads // B, n // 256))  # rows in parallel; a row's tokens split where rows are fewer
     s_n, atoms, N = packed.layout.groups // H, packed.atoms, packed.offline.shape[0]
-    a = torch.zeros(parts, B, H, G, s_n, atoms)
+    a = torch.zeros(parts, B, H, s_n, atoms, G)
     weights = weights.float().contiguous()
     head, refinement, _held = packed._arguments()
     status = _library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _ptr(a), parts, threads)
     if status == 1 or not _check(status, packed):
         return None
-    a = a.sum(0) if parts > 1 else a[0]  # (B, H, G, s_n, atoms)
+    a = (a.sum(0) if parts > 1 else a[0]).transpose(-1, -2)  # (B, H, s_n, G, atoms)
     out = a[..., :N] @ packed.offline.float()
     if atoms > N:  # each row's own extra atoms
         out += (a[..., N:].reshape(B, -1, atoms - N) @ packed.extra.float()).view(out.shape)
-    out = out.reshape(B, H, G, -1)
+    out = out.transpose(2, 3).reshape(B, H, G, -1)  # chunks side by side
     if packed.center is not None:
         out += weights.sum(-1, keepdim=True) * packed.center.float()[None, :, None]
     return out
