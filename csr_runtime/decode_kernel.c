@@ -348,3 +348,49 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
     }
     return status & 4 ? 3 : status & 2 ? 2 : 0;
 }
+
+/* Matching pursuit's atom choice for the rows of `scores` (n, N), in place, parallel over rows. With `gram`
+   (N, N) = D D^T, each row first loses its previous atom's share, scores[r] -= coef[r] * gram[idx[r]]
+   (<R - c d_i, d_j> = <R, d_j> - c <d_i, d_j>: the residual's scores without a product with D); then
+   idx[r] = the first j of largest |scores[r, j]| and best[r] = scores[r, idx[r]] (signed). */
+typedef int32_t vi8 __attribute__((vector_size(32)));
+
+void csr_mp_step(float *scores, int64_t n, int64_t N, const float *gram, int64_t *idx, const float *coef, float *best,
+                 int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        float *row = scores + r * N;
+        const float *g = gram ? gram + idx[r] * N : 0;
+        const float c = gram ? coef[r] : 0.0f;
+        const v8 cv = {c, c, c, c, c, c, c, c};
+        const vi8 abs_mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
+                              0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+        vi8 lane_index = {0, 1, 2, 3, 4, 5, 6, 7}, best_index = {0, 0, 0, 0, 0, 0, 0, 0};
+        const vi8 step = {8, 8, 8, 8, 8, 8, 8, 8};
+        v8 best_abs = {-1, -1, -1, -1, -1, -1, -1, -1};
+        int64_t j = 0;
+        for (; j + 8 <= N; j += 8) {
+            v8 v = load8(row + j);
+            if (g) {
+                v -= cv * load8(g + j);
+                memcpy(row + j, &v, sizeof v);
+            }
+            const v8 a = (v8)((vi8)v & abs_mask);
+            const vi8 greater = a > best_abs; /* strict: the first of equals stays */
+            best_abs = (v8)((greater & (vi8)a) | (~greater & (vi8)best_abs));
+            best_index = (greater & lane_index) | (~greater & best_index);
+            lane_index += step;
+        }
+        float top = -1.0f;
+        int64_t at = 0;
+        for (int i = 0; i < 8; i++)
+            if (best_abs[i] > top || (best_abs[i] == top && best_index[i] < at)) top = best_abs[i], at = best_index[i];
+        for (; j < N; j++) {
+            if (g) row[j] -= c * g[j];
+            const float a = row[j] < 0 ? -row[j] : row[j];
+            if (a > top) top = a, at = j;
+        }
+        idx[r] = at;
+        best[r] = row[at];
+    }
+}

@@ -30,7 +30,7 @@ from csr_core.code_layout import CodeLayout
 from csr_core.paths import cache_root
 from csr_runtime.code_packing import e3m1_values
 
-__all__ = ["PackedCodes", "applies", "available", "decode_into", "find_compiler", "key_scores", "weighted_values"]
+__all__ = ["PackedCodes", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_step", "weighted_values"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -92,6 +92,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.csr_value_weights.restype = ctypes.c_int
     lib.csr_value_weights.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64,
                                       i64, i64, i64, i64, i64, ptr, ptr, i64, i64]
+    lib.csr_mp_step.restype = None
+    lib.csr_mp_step.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64]
     return lib
 
 
@@ -247,3 +249,21 @@ def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor 
     if packed.center is not None:
         out += weights.sum(-1, keepdim=True) * packed.center.float()[None, :, None]
     return out
+
+
+def mp_step(scores: torch.Tensor, gram: torch.Tensor | None = None, idx: torch.Tensor | None = None,
+            coef: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One matching-pursuit atom choice on `scores` (n, N) float32 contiguous, in place: with `gram` (N, N) = D Dᵀ,
+    each row first removes its previous atom idx (n,) times its coefficient coef (n,) from its scores (the
+    residual's scores without a product with D); then → (the first atom of largest |score| per row (n,) int64,
+    that score (n,)). The caller checks `available()`."""
+    n, N = scores.shape
+    if scores.dtype != torch.float32 or not scores.is_contiguous() or scores.device.type != "cpu":
+        raise ValueError("mp_step takes contiguous float32 CPU scores")
+    if gram is not None:
+        gram, idx, coef = gram.contiguous(), idx.to(torch.int64).contiguous(), coef.float().contiguous()
+    chosen, best = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
+    if gram is not None:
+        chosen.copy_(idx)  # the kernel reads each row's previous atom from here, then writes the new one
+    _library.csr_mp_step(_ptr(scores), n, N, _ptr(gram), _ptr(chosen), _ptr(coef), _ptr(best), torch.get_num_threads())
+    return chosen, best

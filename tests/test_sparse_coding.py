@@ -106,3 +106,29 @@ def test_omp_keeps_supports_distinct_when_the_vector_is_already_exact():
     assert all(len(set(row.tolist())) == 4 for row in idx)
     torch.testing.assert_close(sparse_decode(idx, coef, D), x)
     assert coef.abs().max() <= 2.0 + 1e-12  # no cancelling pair of huge coefficients
+
+
+@pytest.mark.skipif(__import__("csr_runtime.native", fromlist=["x"]).find_compiler() is None,
+                    reason="no C compiler: large MP calls take the product path, which the tests above cover")
+@pytest.mark.parametrize("rounded", [False, True])
+def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(rounded, monkeypatch):
+    """A call with many vectors updates the scores through D Dᵀ in the CPU kernel (`_mp_gram_batch`): the same atoms
+    and coefficients as the paper's loop (in float64), error feedback of rounded coefficients included."""
+    import csr_runtime.sparse_coding as sc
+    from csr_runtime.code_packing import quantize_coefficients
+
+    D = unit_dictionary(256, 16, seed=4)
+    x = torch.randn(700, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    quantize = (lambda c: quantize_coefficients(c, "e3m1", 0.25)) if rounded else None
+    taken = []
+    gram_batch = sc._mp_gram_batch
+    monkeypatch.setattr(sc, "_mp_gram_batch", lambda *a: taken.append(len(a[0])) or gram_batch(*a))
+    idx, coef = sparse_encode(x.float(), D.float(), s=5, quantize=quantize, chunk_size=300)
+    assert taken == [300, 300, 100]  # one Gram matrix, every chunk through the kernel
+    ref_idx, ref_coef = sc._mp_batch(x, D, 5, quantize)  # the product path in float64
+    np.testing.assert_array_equal(idx.numpy(), ref_idx.numpy())
+    np.testing.assert_allclose(coef.numpy(), ref_coef.numpy(), atol=1e-5)
+    # small calls, autograd and OMP keep the product path
+    assert not sc._gram_pays(x[:10].float(), D.float(), 5, "mp")
+    assert not sc._gram_pays(x.float(), D.float().requires_grad_(), 5, "mp")
+    assert not sc._gram_pays(x.float(), D.float(), 5, "omp")
