@@ -63,7 +63,7 @@ def methods(lm, dictionary: str) -> dict:
     }
     for s in (8, 4, 2):
         out[f"CSR-{s}"] = (lambda s=s: CSRCache(lm, dictionary, sparsity=s), "sdpa")
-    out["CSR-4, values as codes"] = (lambda: CSRCache(lm, dictionary, sparsity=4), CSR_ATTENTION)
+    out["CSR-4, attention from codes (csr_codes)"] = (lambda: CSRCache(lm, dictionary, sparsity=4), CSR_ATTENTION)
     return out
 
 

@@ -194,7 +194,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         if as_codes:  # the window now ends with the new tokens; the codes are read before this call's are added
             values_out = self._coded_values()
             if keys_as_codes:
-                keys_out = CodedKeys(self.sink_keys, self.keys, self._packed("keys"), *self._coded_cos_sin(halves=True))
+                keys_out = CodedKeys(self.sink_keys, self.keys, self._packed("keys"), *self._kernel_cos_sin())
         overflow = self.keys.shape[-2] - self.settings.window
         if overflow >= self.settings.coding_batch:  # fewer wait, exact: coding one token costs as much as eight
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
@@ -481,7 +481,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         codes, CUDA, half-precision buffers, `CSR_NATIVE=0`): the caller takes the torch path."""
         if store.unwhiten is not None or coded.device.type != "cpu" or coded.dtype != torch.float32:
             return False
-        cos, sin = self._coded_cos_sin(halves=True) if kind == "keys" else (None, None)
+        cos, sin = self._kernel_cos_sin() if kind == "keys" else (None, None)
         return native.decode_into(coded, self._packed(kind), cos, sin)
 
     def _packed(self, kind: str) -> native.PackedCodes:
@@ -526,14 +526,20 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.step_memo.clear()
         return keys, values
 
-    def _coded_cos_sin(self, halves: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (B, n_coded, d_h) of the coded positions; with `halves`, their first halves (B, n_coded, d_h / 2)
-        where the model's RoPE repeats them in the second (transformers' RoPEs all do; the kernel reads half)."""
-        cos, sin = self._cos_sin(self._sink_len(), self.n_coded)
-        if not halves:
-            return cos, sin
-        memo_key = ("halves", self._sink_len(), self.n_coded, tuple(self.n_pad.tolist()))
+    def _coded_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (B, n_coded, d_h) of the coded positions."""
+        return self._cos_sin(self._sink_len(), self.n_coded)
+
+    def _kernel_cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of the coded positions as the C kernel reads them: one row (1, n_coded, ·) where every row has the
+        same positions (a batch of 69 rows at 8k would otherwise stream 145 MB of them per layer), and only their first
+        halves where the model's RoPE repeats them in the second (transformers' RoPEs all do)."""
+        memo_key = ("kernel", self._sink_len(), self.n_coded, tuple(self.n_pad.tolist()))
         if memo_key not in self.step_memo:
+            positions = self._positions(self._sink_len(), self.n_coded)
+            if bool((self.n_pad == self.n_pad[0]).all()):
+                positions = positions[:1]
+            cos, sin = rope_cos_sin(self.rotary_emb, positions, torch.float32)
             half = cos.shape[-1] // 2
             repeated = lambda t: torch.equal(t[..., :half], t[..., half:])
             if self.rope_repeats_halves is None:  # a property of the model's rotary module: checked once

@@ -119,7 +119,7 @@ enum { OP_DECODE = 0, OP_SCORE = 1 };
 
 typedef struct {
     const uint8_t *codes, *mask, *rcodes;
-    int64_t B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block, rope_width, op, G;
+    int64_t B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block, rope_width, cos_row, op, G;
     layout_t L, RL;
     const float *lut, *row_scale, *offline, *extra, *center, *cos, *sin, *query;
     float *out; /* OP_DECODE: (B, H, n, d) at strides so_*; OP_SCORE: scores (B, H, G, n) */
@@ -161,7 +161,7 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
             float *o = J->op == OP_DECODE ? J->out + b * J->so_b + h * J->so_h + t * J->so_t : rotated;
             if (J->cos) { /* rope_width d: full cos/sin rows; d/2: their first halves (the halves are equal) */
                 const int64_t rw = J->rope_width, second = rw == d ? half : 0;
-                const float *cs = J->cos + (b * J->n + t) * rw, *sn = J->sin + (b * J->n + t) * rw;
+                const float *cs = J->cos + b * J->cos_row + t * rw, *sn = J->sin + b * J->cos_row + t * rw;
                 for (int64_t j = 0; j < half; j++) o[j] = acc[j] * cs[j] - acc[j + half] * sn[j];
                 for (int64_t j = 0; j < half; j++) o[half + j] = acc[half + j] * cs[second + j] + acc[j] * sn[second + j];
             } else {
@@ -212,7 +212,8 @@ static inline __attribute__((always_inline)) int score_block(const job_t *J, int
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
         unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
         const int64_t rw = J->rope_width;
-        const float *cs = J->cos ? J->cos + (b * J->n + t) * rw : 0, *sn = J->sin ? J->sin + (b * J->n + t) * rw : 0;
+        const float *cs = J->cos ? J->cos + b * J->cos_row + t * rw : 0;
+        const float *sn = J->sin ? J->sin + b * J->cos_row + t * rw : 0;
         for (int64_t h = 0; h < groups; h++) {
             v8 acc[V];
             for (int j = 0; j < V; j++) acc[j] = J->center ? load8(J->center + h * d + 8 * j) : (v8){0};
@@ -256,12 +257,12 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
                const float *offline, int64_t n_offline, const float *extra, int64_t slots, int64_t w,
                const uint8_t *mask, int64_t mask_bytes, const uint8_t *rcodes, int64_t R, int64_t rk,
                int64_t r_index_bytes, int64_t r_nbytes, int64_t H, const float *center, const float *cos,
-               const float *sin, int64_t rope_width, float *out, int64_t so_b, int64_t so_h, int64_t so_t,
+               const float *sin, int64_t rope_width, int64_t cos_row, float *out, int64_t so_b, int64_t so_h, int64_t so_t,
                int64_t op, int64_t G, const float *query, int64_t threads, int64_t block) {
     const int64_t s_n = groups / H;
     if (s_n * w > MAX_DIM || groups * k > MAX_FIELDS || rk > MAX_FIELDS) return 1;
     const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block,
-                     rope_width, op, G, {groups, k, index_bits, index_bytes, nbytes, fmt},
+                     rope_width, cos_row, op, G, {groups, k, index_bits, index_bytes, nbytes, fmt},
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, offline, extra, center,
                      cos, sin, query, out};
     const int64_t blocks = (n + block - 1) / block;
@@ -336,7 +337,7 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
                       int64_t rk, int64_t r_index_bytes, int64_t r_nbytes, int64_t H, int64_t G,
                       const float *weights, float *a, int64_t P, int64_t threads) {
     if (groups * k > MAX_FIELDS || rk > MAX_FIELDS || G > MAX_FIELDS) return 1;
-    const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, 0, 0, 0, 0, 0, 0, 0, 0, G,
+    const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, 0, 0, 0, 0, 0, 0, 0, 0, 0, G,
                      {groups, k, index_bits, index_bytes, nbytes, fmt},
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, 0, 0, 0, 0, 0, 0, 0};
     const int64_t per_row = H * G * (groups / H) * atoms;

@@ -87,8 +87,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.csr_decode.restype = ctypes.c_int
     lib.csr_decode.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64,
-                               ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64,
-                               i64, i64, ptr, i64, i64]
+                               ptr, i64, ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i64, i64,
+                               i64, i64, i64, ptr, i64, i64]
     lib.csr_value_weights.restype = ctypes.c_int
     lib.csr_value_weights.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64,
                                       i64, i64, i64, i64, i64, ptr, ptr, i64, i64]
@@ -187,7 +187,8 @@ def _run_decode(packed: PackedCodes, H: int, out: torch.Tensor, strides, op: int
     slots = 0 if extra is None else extra.shape[1]
     return _library.csr_decode(
         *head, _ptr(offline), offline.shape[0], _ptr(extra), slots, offline.shape[1], *refinement, H, _ptr(center),
-        _ptr(cos), _ptr(sin), 0 if cos is None else cos.shape[-1], _ptr(out), *strides, op, G, _ptr(query),
+        _ptr(cos), _ptr(sin), 0 if cos is None else cos.shape[-1],
+        0 if cos is None or cos.shape[0] == 1 else cos.shape[1] * cos.shape[2], _ptr(out), *strides, op, G, _ptr(query),
         torch.get_num_threads(), _BLOCK)
 
 
@@ -195,7 +196,7 @@ def decode_into(out: torch.Tensor, packed: PackedCodes, cos: torch.Tensor | None
                 sin: torch.Tensor | None = None) -> bool:
     """Decode every row's codes into `out` (B, H, n, d) float32, a view whose last dim is contiguous (e.g. the
     coded slots of the step's buffer). cos, sin: (B, n, d) to rotate (keys), or their first halves (B, n, d / 2)
-    where the two halves are equal (every RoPE of transformers). False when the kernel cannot take these tensors
+    where the two halves are equal (every RoPE of transformers); (1, n, ·) when every row has the same positions. False when the kernel cannot take these tensors
     (the caller takes the torch path)."""
     B, H, n, d = out.shape
     if not available() or out.device.type != "cpu" or out.dtype != torch.float32 or out.stride(-1) != 1:

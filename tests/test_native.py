@@ -24,11 +24,11 @@ def _dictionary(lm, head_dim, n_atoms=96):
                           KindDictionaries(2, 2, [0, 0], [unit(n_atoms, head_dim // 2)], center=center()))
 
 
-def _left_padded_cache(lm, dictionary, steps=11, **options):
-    """A batch of two rows, the second left-padded by 5, after a prefill and `steps` greedy decode steps."""
+def _left_padded_cache(lm, dictionary, steps=11, padding=5, **options):
+    """A batch of two rows, the second left-padded by `padding`, after a prefill and `steps` greedy decode steps."""
     ids = torch.randint(1, 128, (2, 21), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    mask[1, :5] = 0
+    mask[1, :padding] = 0
     cache = CSRCache(lm, dictionary, **options)
     with torch.no_grad():
         lm.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
@@ -80,12 +80,24 @@ def test_scores_and_weighted_values_from_codes_equal_the_decoded_products(layout
         keys, values = keys[:, :, start : start + n], values[:, :, start : start + n]  # (B, H, n, d)
         B, H, _, d = keys.shape
         query = torch.randn(B, H, 3, d, generator=g)
-        scores = native.key_scores(layer._packed("keys"), query, *layer._coded_cos_sin(halves=True))
+        scores = native.key_scores(layer._packed("keys"), query, *layer._kernel_cos_sin())
         torch.testing.assert_close(scores, query @ keys.transpose(-1, -2), atol=1e-4, rtol=1e-4)
         weights = torch.rand(B, H, 3, n, generator=g)
         torch.testing.assert_close(native.weighted_values(layer._packed("values"), weights), weights @ values,
                                    atol=1e-4, rtol=1e-4)
         layer.step_memo.clear()
+
+
+@needs_compiler
+def test_rows_with_the_same_positions_share_one_row_of_cos_sin(monkeypatch):
+    lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=64)
+    cache = _left_padded_cache(lm, _dictionary(lm, 64), padding=0, window=3, coding_batch=4)
+    assert cache.layers[0]._kernel_cos_sin()[0].shape[0] == 1  # one row for both
+    cache.layers[0].step_memo.clear()
+    fast, reference = _read_back_both_ways(cache, monkeypatch)
+    for (keys, values), (ref_keys, ref_values) in zip(fast, reference):
+        torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=1e-5)
 
 
 @needs_compiler
