@@ -56,6 +56,8 @@ from csr_runtime.attention import CSR_ATTENTION, CodedKeys, CodedValues
 from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
+    append_bits,
+    count_bits,
     CoefFormat,
     coefficient_scale,
     pack_bits,
@@ -413,32 +415,42 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         if s.refine_fraction <= 0:
             return
         B, H, T, s_n, w = chunks.shape
-        token_major = lambda t: t.transpose(1, 2).reshape(B, T * H * s_n, -1)  # (B, H, T, s_n, ·) → (B, n, ·)
-        x = token_major(chunks)
+        n = T * H * s_n
+        token_major = lambda t: t.transpose(1, 2).reshape(B, n, -1)  # (B, H, T, s_n, ·) → (B, n, ·), rows at once
+        codebook = store.codebook
+        shared = codebook.rows_share_atoms()
         i_tm, c_tm = token_major(idx.view(B, H, T, s_n, k)), token_major(coef.view(B, H, T, s_n, k))
-        flags = torch.zeros(B, x.shape[1], dtype=torch.bool, device=self.device)
-        residuals = []
-        for b in range(B):
-            is_real = real[b].repeat_interleave(H * s_n)
-            m = round(s.refine_fraction * int(is_real.sum()))  # as the row alone would refine
-            residual = x[b] - sparse_decode(i_tm[b], c_tm[b], store.codebook.row(b))
-            energy = residual.square().sum(-1).masked_fill(~is_real, -1.0)
-            worst = energy.topk(m).indices.sort().values  # stored in the order of the vectors
-            flags[b, worst] = True
-            self.stats["vectors_refined"] += m
-            residuals.append(residual[worst])
-        codes = [pack_codes(ri[:, None], rc[:, None], store.refine_layout, scale=float(store.scale[b])) if len(ri) else
-                 torch.zeros(0, store.refine_layout.nbytes, dtype=torch.uint8, device=self.device)
-                 for b, (ri, rc) in enumerate(self._encode_each_row(store, residuals, s.refine_atoms))]
+        x_hat = sparse_decode(i_tm if shared else codebook.batch_index(i_tm), c_tm,
+                              codebook.offline if shared else codebook.batch_table())
+        residual = token_major(chunks) - x_hat
+        is_real = real.repeat_interleave(H * s_n, dim=1)  # (B, n)
+        m = (is_real.sum(1).double() * s.refine_fraction).round().long()  # per row: as the row alone would refine
+        energy = residual.square().sum(-1).masked_fill(~is_real, -1.0)
+        worst = energy.topk(int(m.max()), dim=1).indices  # (B, max m), worst first
+        chosen = torch.arange(worst.shape[1], device=self.device)[None] < m[:, None]
+        worst = torch.where(chosen, worst, n).sort(dim=1).values  # each row's refined vectors in their order
+        rows, slot = chosen.nonzero(as_tuple=True)  # after the sort, row b's first m[b] entries are its vectors
+        where = worst[rows, slot]
+        flags = torch.zeros(B, n + 1, dtype=torch.bool, device=self.device).scatter_(1, worst, True)[:, :n]
+        self.stats["vectors_refined"] += int(m.sum())
+        codes = torch.zeros(0, store.refine_layout.nbytes, dtype=torch.uint8, device=self.device)
+        if len(rows):
+            coded = self._encode_each_row(store, list(residual[rows, where].split(m.tolist())), s.refine_atoms)
+            r_idx, r_coef = torch.cat([i for i, _ in coded]), torch.cat([c for _, c in coded])
+            codes = pack_codes(r_idx[:, None], r_coef[:, None], store.refine_layout,
+                               scale=store.scale[rows][:, None, None])
         before = self.n_coded * H * s_n
-        old = unpack_bits(store.refine_mask, before) if store.refine_mask is not None else flags[:, :0]
-        store.refine_mask = pack_bits(torch.cat([old, flags], dim=1))
-        held = old.sum(1).tolist()  # each row's codes so far: rows of a left-padded batch may hold different counts
-        rows = [torch.cat([store.refine_codes[b, : held[b]], codes[b]]) if held[b] else codes[b] for b in range(B)]
-        store.refine_codes = torch.zeros(B, max(len(r) for r in rows), store.refine_layout.nbytes, dtype=torch.uint8,
+        if store.refine_mask is None:
+            store.refine_mask, held = pack_bits(flags), torch.zeros(B, dtype=torch.long, device=self.device)
+        else:  # each row's codes so far: rows of a left-padded batch may hold different counts
+            held = count_bits(store.refine_mask)
+            store.refine_mask = append_bits(store.refine_mask, before, flags)
+        old = store.refine_codes
+        store.refine_codes = torch.zeros(B, int((held + m).max()), store.refine_layout.nbytes, dtype=torch.uint8,
                                          device=self.device)
-        for b, r in enumerate(rows):
-            store.refine_codes[b, : len(r)] = r
+        if old is not None:
+            store.refine_codes[:, : old.shape[1]] = old
+        store.refine_codes[rows, held[rows] + slot] = codes
 
     # -- decoding ---------------------------------------------------------------------------------
     def _assemble(self, kind: str, window: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from csr_core.code_layout import (
     index_bits_for,
 )
 
-__all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "coefficient_scale", "fp8_scale",
+__all__ = ["append_bits", "count_bits", "COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "coefficient_scale", "fp8_scale",
            "index_bits_for", "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes", "pack_bits", "unpack_bits"]
 
 _E3M1_TABLE = torch.tensor(E3M1_MAGNITUDES, dtype=torch.float32)
@@ -191,6 +191,21 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(B, -(-n // 8) * 8, dtype=torch.int32, device=mask.device)
     padded[:, :n] = mask
     return (padded.view(B, -1, 8) * _on(_BIT_WEIGHTS, mask.device)).sum(-1).to(torch.uint8)
+
+
+def append_bits(packed: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tensor:
+    """`pack_bits` of [the n bits in `packed`, mask] (B, n + m), unpacking only the last partial byte of `packed`."""
+    full = n // 8
+    tail = unpack_bits(packed[:, full : full + 1], n % 8) if n % 8 else mask[:, :0]
+    return torch.cat([packed[:, :full], pack_bits(torch.cat([tail, mask], dim=1))], dim=1)
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def count_bits(packed: torch.Tensor) -> torch.Tensor:
+    """(B, nbytes) uint8 → (B,) int64: the set bits of each row."""
+    return _on(_POPCOUNT, packed.device)[packed.long()].sum(1)
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:

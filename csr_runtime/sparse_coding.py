@@ -86,12 +86,13 @@ def _mp_gram_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: 
 
 def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str) -> bool:
     """Whether `_mp_gram_batch` applies and pays: plain MP without autograd on CPU float32, the kernel built, enough
-    vectors that the Gram matrix (N · N · d multiply-adds) costs under half of the s − 1 products it saves, and N
-    small enough that it stays cheap to hold (N ≤ 4096: 64 MiB)."""
+    vectors that the Gram matrix (N · N · d multiply-adds) costs less than the s − 1 products it saves (each also
+    a pass for |scores| and one for their maximum, which the kernel fuses), and N small enough that it stays
+    cheap to hold (N ≤ 4096: 64 MiB)."""
     from csr_runtime import native
 
     N = dictionary.shape[0]
-    return (method == "mp" and s > 1 and x.shape[0] * (s - 1) > 2 * N and 256 <= N <= 4096
+    return (method == "mp" and s > 1 and x.shape[0] * (s - 1) > N and 256 <= N <= 4096
             and x.device.type == "cpu" and x.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or dictionary.requires_grad)) and native.available())
 

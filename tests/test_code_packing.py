@@ -98,3 +98,14 @@ def test_mp_with_error_feedback_beats_rounding_afterwards():
     feedback = relative_error(x, sparse_decode(idx_f, coef_f, D))
     assert torch.equal(coef_f, q(coef_f))  # the codes are already on the fp8 grid
     assert feedback < after
+
+
+def test_appending_bits_equals_packing_the_concatenation():
+    from csr_runtime.code_packing import append_bits, count_bits, pack_bits
+
+    g = torch.Generator().manual_seed(0)
+    for n, m in [(0, 5), (8, 3), (13, 20), (21, 8)]:
+        old, new = torch.rand(3, n, generator=g) < 0.4, torch.rand(3, m, generator=g) < 0.4
+        packed = pack_bits(old)
+        assert torch.equal(append_bits(packed, n, new), pack_bits(torch.cat([old, new], dim=1)))
+        assert torch.equal(count_bits(packed), old.sum(1))
