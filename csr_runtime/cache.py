@@ -33,7 +33,9 @@ holds is counted by `memory_bytes()`.
 
 Reading the cache rebuilds every coded key (rotated) and value each step: on the CPU in one pass of a C kernel
 (`native.py`, built on first use), elsewhere — CUDA, whitened codes, no compiler — with PyTorch operations that
-compute the same. Rows of a batch that share their atoms and coefficient scale are coded in one MP call.
+compute the same. With the "csr_codes" attention (`attention.py`) nothing is rebuilt: a decode step's keys are
+scored and its values aggregated from the codes (`CodedKeys`, `CodedValues`). Rows of a batch that share their
+atoms and coefficient scale are coded in one MP call, and the refinement handles the batch's rows at once.
 
 Where we depart from the paper: it leaves the guard rule open; ours is the residual threshold above.
 """
@@ -56,6 +58,7 @@ from csr_runtime.attention import CSR_ATTENTION, CodedKeys, CodedValues
 from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
+    CoefficientRounding,
     append_bits,
     count_bits,
     CoefFormat,
@@ -117,7 +120,7 @@ class _KindStore:
     def quantizer(self, b: int):
         """What MP rounds row b's coefficients to (None: int8's per-vector scale is known only after coding)."""
         fmt, scale = self.layout.coef_format, float(self.scale[b])
-        return None if fmt == "int8" else (lambda c: quantize_coefficients(c, fmt, scale))
+        return None if fmt == "int8" else CoefficientRounding(fmt, scale)
 
     def token_scales(self, tokens: int) -> torch.Tensor:
         """(B · tokens, 1, 1): each token's row scale, in the (row, token) order of the packed codes."""
@@ -363,11 +366,11 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         at a batch of 136 rows, one call per row was a fifth of a decode step's time."""
         if len(xs) > 1 and store.codebook.rows_share_atoms() and bool((store.scale == store.scale[0]).all()):
             idx, coef = sparse_encode(torch.cat(xs), store.codebook.offline, s=k, method=self.settings.method,
-                                      quantize=store.quantizer(0))
+                                      quantize=store.quantizer(0), gram_memo=self.step_memo)
             sizes = [len(x) for x in xs]
             return list(zip(idx.split(sizes), coef.split(sizes)))
-        return [sparse_encode(x, store.codebook.row(b), s=k, method=self.settings.method, quantize=store.quantizer(b))
-                for b, x in enumerate(xs)]
+        return [sparse_encode(x, store.codebook.row(b), s=k, method=self.settings.method, quantize=store.quantizer(b),
+                              gram_memo=self.step_memo) for b, x in enumerate(xs)]
 
     def _add_online(self, store: _KindStore, chunks: torch.Tensor, real: torch.Tensor) -> None:
         if self.settings.online_atoms <= 0:

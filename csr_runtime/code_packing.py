@@ -35,7 +35,7 @@ from csr_core.code_layout import (
     index_bits_for,
 )
 
-__all__ = ["append_bits", "count_bits", "COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "coefficient_scale", "fp8_scale",
+__all__ = ["append_bits", "count_bits", "CoefficientRounding", "COEF_FORMATS", "e3m1_levels", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "coefficient_scale", "fp8_scale",
            "index_bits_for", "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes", "pack_bits", "unpack_bits"]
 
 _E3M1_TABLE = torch.tensor(E3M1_MAGNITUDES, dtype=torch.float32)
@@ -66,6 +66,11 @@ def e3m1_values(codes: torch.Tensor, scale: float | torch.Tensor) -> torch.Tenso
     if not isinstance(scale, torch.Tensor):
         return torch.index_select(table * scale, 0, codes.flatten()).view(codes.shape)
     return torch.index_select(table, 0, codes.flatten()).view(codes.shape) * scale
+
+
+def e3m1_levels() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16 e3m1 magnitudes and the 15 midpoints between them (float32): what `e3m1_round` rounds to, and by."""
+    return _E3M1_TABLE, _E3M1_MIDPOINTS
 
 
 def e3m1_round(coef: torch.Tensor, scale: float) -> torch.Tensor:
@@ -125,6 +130,17 @@ def _byte_selection(layout: CodeLayout, device) -> torch.Tensor:
                     S[o + j, f] = float(1 << (8 * j))
         _SELECTIONS[key] = S.to(device)
     return _SELECTIONS[key]
+
+
+class CoefficientRounding:
+    """`quantize_coefficients` with its format and scale fixed: what MP rounds each coefficient with (a callable that
+    says what it is, so the Gram-matrix kernel can round e3m1 itself)."""
+
+    def __init__(self, coef_format: CoefFormat, scale: float = 1.0):
+        self.coef_format, self.scale = coef_format, scale
+
+    def __call__(self, coef: torch.Tensor) -> torch.Tensor:
+        return quantize_coefficients(coef, self.coef_format, self.scale)
 
 
 def quantize_coefficients(coef: torch.Tensor, coef_format: CoefFormat, scale: float = 1.0) -> torch.Tensor:

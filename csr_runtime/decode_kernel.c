@@ -350,48 +350,65 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
     return status & 4 ? 3 : status & 2 ? 2 : 0;
 }
 
-/* Matching pursuit's atom choice for the rows of `scores` (n, N), in place, parallel over rows. With `gram`
-   (N, N) = D D^T, each row first loses its previous atom's share, scores[r] -= coef[r] * gram[idx[r]]
-   (<R - c d_i, d_j> = <R, d_j> - c <d_i, d_j>: the residual's scores without a product with D); then
-   idx[r] = the first j of largest |scores[r, j]| and best[r] = scores[r, idx[r]] (signed). */
+/* Matching pursuit through the Gram matrix gram (N, N) = D D^T, all s atoms of a row in one go, so the row's N
+   scores stay in the core's cache: scores (n, N) = X D^T on entry (overwritten). Per atom, one pass over the
+   row: remove the previous atom's share (<R - c d_i, d_j> = <R, d_j> - c <d_i, d_j>) and find the first j of
+   largest |score|; its score is the coefficient, rounded to the nearest of `levels` (times scale, ties to the
+   lower level; the midpoints between levels given) as e3m1 is when levels are given; idx, coef: (n, s). */
 typedef int32_t vi8 __attribute__((vector_size(32)));
 
-void csr_mp_step(float *scores, int64_t n, int64_t N, const float *gram, int64_t *idx, const float *coef, float *best,
-                 int64_t threads) {
+/* row -= c * g (when g is given), then the first j of largest |row[j]|: one pass, in 8-float lanes (the
+   pass is bound by reading g from memory: a G row is 4 N bytes). */
+static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, float c) {
+    const v8 cv = {c, c, c, c, c, c, c, c};
+    const vi8 abs_mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
+    const vi8 step = {8, 8, 8, 8, 8, 8, 8, 8};
+    vi8 lane_index = {0, 1, 2, 3, 4, 5, 6, 7}, best_index = {0, 0, 0, 0, 0, 0, 0, 0};
+    v8 best_abs = {-1, -1, -1, -1, -1, -1, -1, -1};
+    int64_t j = 0;
+    for (; j + 8 <= N; j += 8) {
+        v8 v = load8(row + j);
+        if (g) {
+            v -= cv * load8(g + j);
+            memcpy(row + j, &v, sizeof v);
+        }
+        const v8 a = (v8)((vi8)v & abs_mask);
+        const vi8 greater = a > best_abs; /* strict: the first of equals stays */
+        best_abs = (v8)((greater & (vi8)a) | (~greater & (vi8)best_abs));
+        best_index = (greater & lane_index) | (~greater & best_index);
+        lane_index += step;
+    }
+    float top = -1.0f;
+    int64_t at = 0;
+    for (int i = 0; i < 8; i++)
+        if (best_abs[i] > top || (best_abs[i] == top && best_index[i] < at)) top = best_abs[i], at = best_index[i];
+    for (; j < N; j++) {
+        if (g) row[j] -= c * g[j];
+        const float a = row[j] < 0 ? -row[j] : row[j];
+        if (a > top) top = a, at = j;
+    }
+    return at;
+}
+
+void csr_mp_gram(float *scores, int64_t n, int64_t N, const float *gram, int64_t s, int64_t *idx, float *coef,
+                 const float *levels, const float *midpoints, int64_t n_levels, float scale, int64_t threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < n; r++) {
         float *row = scores + r * N;
-        const float *g = gram ? gram + idx[r] * N : 0;
-        const float c = gram ? coef[r] : 0.0f;
-        const v8 cv = {c, c, c, c, c, c, c, c};
-        const vi8 abs_mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
-                              0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
-        vi8 lane_index = {0, 1, 2, 3, 4, 5, 6, 7}, best_index = {0, 0, 0, 0, 0, 0, 0, 0};
-        const vi8 step = {8, 8, 8, 8, 8, 8, 8, 8};
-        v8 best_abs = {-1, -1, -1, -1, -1, -1, -1, -1};
-        int64_t j = 0;
-        for (; j + 8 <= N; j += 8) {
-            v8 v = load8(row + j);
-            if (g) {
-                v -= cv * load8(g + j);
-                memcpy(row + j, &v, sizeof v);
+        const float *g = 0;
+        float c = 0.0f;
+        for (int64_t a = 0; a < s; a++) {
+            const int64_t at = update_and_argmax(row, N, g, c);
+            c = row[at];
+            if (levels) {
+                const float v = c / scale, magnitude = v < 0 ? -v : v;
+                int64_t m = 0; /* midpoints below the magnitude (as torch.bucketize counts them) */
+                for (int64_t i = 0; i < n_levels - 1; i++) m += midpoints[i] < magnitude;
+                c = v < 0 ? -(levels[m] * scale) : levels[m] * scale;
             }
-            const v8 a = (v8)((vi8)v & abs_mask);
-            const vi8 greater = a > best_abs; /* strict: the first of equals stays */
-            best_abs = (v8)((greater & (vi8)a) | (~greater & (vi8)best_abs));
-            best_index = (greater & lane_index) | (~greater & best_index);
-            lane_index += step;
+            idx[r * s + a] = at;
+            coef[r * s + a] = c;
+            g = gram + at * N;
         }
-        float top = -1.0f;
-        int64_t at = 0;
-        for (int i = 0; i < 8; i++)
-            if (best_abs[i] > top || (best_abs[i] == top && best_index[i] < at)) top = best_abs[i], at = best_index[i];
-        for (; j < N; j++) {
-            if (g) row[j] -= c * g[j];
-            const float a = row[j] < 0 ? -row[j] : row[j];
-            if (a > top) top = a, at = j;
-        }
-        idx[r] = at;
-        best[r] = row[at];
     }
 }

@@ -1,8 +1,14 @@
-"""The runtime's CPU kernel (`decode_kernel.c`): a decode step's codes → keys/values in their slots, in one pass.
+"""The runtime's CPU kernels (`decode_kernel.c`), each one pass over the packed codes, parallel over rows and tokens.
 
-The torch path of a decode step (unpack, `embedding_bag`, refinement, centre, RoPE, concatenation) runs
-~25 operations over every coded vector of every layer; on a CPU each is a pass over memory. `decode_into`
-does the same arithmetic, with the same roundings, in one pass, parallel over rows and token blocks.
+- `decode_into`: codes → keys (rotated) / values in their slots of the step's buffer. The torch path of a decode
+  step (unpack, `embedding_bag`, refinement, centre, RoPE, concatenation) runs ~25 operations over every coded
+  vector of every layer; on a CPU each is a pass over memory. Same arithmetic, same roundings.
+- `key_scores`: q · k for every coded key, each key decoded and rotated in registers and never stored (the
+  "csr_codes" attention, `attention.py`).
+- `weighted_values`: Σ_t w_t v_t over the coded values as codes: each pair adds w_t · coef to its atom's weight,
+  then one product with the atoms.
+- `mp_gram`: matching pursuit through the Gram matrix (`sparse_coding._mp_gram_batch`: one product with the
+  dictionary per call instead of one per atom), each row's atoms chosen while its scores stay in cache.
 
 It is built on first use with the system C compiler (`$CC`, else `cc`) into the cache folder
 (`$CSR_CACHE_DIR/native`, ~1 s) and loaded with ctypes: no build step at install time, no torch headers.
@@ -28,9 +34,9 @@ import torch
 
 from csr_core.code_layout import CodeLayout
 from csr_core.paths import cache_root
-from csr_runtime.code_packing import e3m1_values
+from csr_runtime.code_packing import e3m1_levels, e3m1_values
 
-__all__ = ["PackedCodes", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_step", "weighted_values"]
+__all__ = ["PackedCodes", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_gram", "weighted_values"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -92,8 +98,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.csr_value_weights.restype = ctypes.c_int
     lib.csr_value_weights.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64,
                                       i64, i64, i64, i64, i64, ptr, ptr, i64, i64]
-    lib.csr_mp_step.restype = None
-    lib.csr_mp_step.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, i64]
+    lib.csr_mp_gram.restype = None
+    lib.csr_mp_gram.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     return lib
 
 
@@ -252,19 +258,20 @@ def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor 
     return out
 
 
-def mp_step(scores: torch.Tensor, gram: torch.Tensor | None = None, idx: torch.Tensor | None = None,
-            coef: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One matching-pursuit atom choice on `scores` (n, N) float32 contiguous, in place: with `gram` (N, N) = D Dᵀ,
-    each row first removes its previous atom idx (n,) times its coefficient coef (n,) from its scores (the
-    residual's scores without a product with D); then → (the first atom of largest |score| per row (n,) int64,
-    that score (n,)). The caller checks `available()`."""
+def mp_gram(scores: torch.Tensor, gram: torch.Tensor, s: int, rounding=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Matching pursuit of every row of `scores` (n, N) = X Dᵀ (float32, contiguous; overwritten) through `gram`
+    (N, N) = D Dᵀ: s atoms a row, each row's scores kept in cache while its atoms are chosen → idx (n, s) int64,
+    coef (n, s). `rounding`: None, or e3m1 rounding (`code_packing.CoefficientRounding`), applied to each coefficient
+    before the next atom is chosen (error feedback). The caller checks `available()`."""
     n, N = scores.shape
     if scores.dtype != torch.float32 or not scores.is_contiguous() or scores.device.type != "cpu":
-        raise ValueError("mp_step takes contiguous float32 CPU scores")
-    if gram is not None:
-        gram, idx, coef = gram.contiguous(), idx.to(torch.int64).contiguous(), coef.float().contiguous()
-    chosen, best = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float32)
-    if gram is not None:
-        chosen.copy_(idx)  # the kernel reads each row's previous atom from here, then writes the new one
-    _library.csr_mp_step(_ptr(scores), n, N, _ptr(gram), _ptr(chosen), _ptr(coef), _ptr(best), torch.get_num_threads())
-    return chosen, best
+        raise ValueError("mp_gram takes contiguous float32 CPU scores")
+    gram = gram.float().contiguous()
+    idx, coef = torch.empty(n, s, dtype=torch.int64), torch.empty(n, s, dtype=torch.float32)
+    levels = midpoints = None
+    if rounding is not None:
+        levels, midpoints = e3m1_levels()
+    _library.csr_mp_gram(_ptr(scores), n, N, _ptr(gram), s, _ptr(idx), _ptr(coef), _ptr(levels), _ptr(midpoints),
+                         0 if levels is None else len(levels), 1.0 if rounding is None else rounding.scale,
+                         torch.get_num_threads())
+    return idx, coef

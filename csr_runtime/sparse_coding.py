@@ -66,33 +66,25 @@ def _mp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quant
 def _mp_gram_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quantizer | None, gram: torch.Tensor):
     """Matching pursuit as `_mp_batch`, with one product with the dictionary instead of s: after an atom is chosen,
     the residual's scores follow from the Gram matrix, <R − c·d_i, d_j> = <R, d_j> − c·G[i, j] — an update of N
-    scores per vector instead of N·d multiply-adds — fused with the next choice in the CPU kernel
-    (`native.mp_step`). The same choices as `_mp_batch` up to float rounding of the scores (near-ties may differ).
-    No autograd (the caller checks)."""
+    scores per vector instead of N·d multiply-adds — in the CPU kernel (`native.mp_gram`), which chooses all s
+    atoms of a vector while its scores stay in cache. The same choices as `_mp_batch` up to float rounding of the
+    scores (near-ties may differ). No autograd (the caller checks); rounding: none or e3m1 (`_gram_pays`)."""
     from csr_runtime import native
 
-    scores = x @ dictionary.T  # (n, N)
-    idx = torch.empty(x.shape[0], s, dtype=torch.long)
-    coef = torch.empty(x.shape[0], s, dtype=x.dtype)
-    i, c = native.mp_step(scores)
-    for g in range(s):
-        if g:
-            i, c = native.mp_step(scores, gram, i, c)
-        if quantize is not None:
-            c = quantize(c)
-        idx[:, g], coef[:, g] = i, c
-    return idx, coef
+    return native.mp_gram((x @ dictionary.T).contiguous(), gram, s, quantize)
 
 
-def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str) -> bool:
+def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str, quantize: Quantizer | None) -> bool:
     """Whether `_mp_gram_batch` applies and pays: plain MP without autograd on CPU float32, the kernel built, enough
     vectors that the Gram matrix (N · N · d multiply-adds) costs less than the s − 1 products it saves (each also
-    a pass for |scores| and one for their maximum, which the kernel fuses), and N small enough that it stays
-    cheap to hold (N ≤ 4096: 64 MiB)."""
+    a pass for |scores| and one for their maximum, which the kernel fuses), N small enough that it stays cheap to
+    hold (N ≤ 4096: 64 MiB), and coefficients kept as they are or rounded to e3m1 (which the kernel does itself)."""
     from csr_runtime import native
 
     N = dictionary.shape[0]
+    rounding = getattr(quantize, "coef_format", None)
     return (method == "mp" and s > 1 and x.shape[0] * (s - 1) > N and 256 <= N <= 4096
+            and (quantize is None or rounding == "e3m1")
             and x.device.type == "cpu" and x.dtype == torch.float32
             and not (torch.is_grad_enabled() and (x.requires_grad or dictionary.requires_grad)) and native.available())
 
@@ -146,6 +138,7 @@ def sparse_encode(
     method: Method = "mp",
     chunk_size: int | None = None,
     quantize: Quantizer | None = None,
+    gram_memo: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Code every row of x with s atoms of `dictionary`.
 
@@ -155,7 +148,9 @@ def sparse_encode(
     chunk's scores take 16 MiB on CPU (they stay in cache: ~1.7× faster at N = 4096 than 8192 rows)
     and 256 MiB on a GPU. `quantize` maps coefficients to the values they will be stored as (e.g.
     FP8): MP then codes each residual against the rounded coefficients. Large calls without autograd on the
-    CPU update the scores through the Gram matrix instead of a product per atom (`_mp_gram_batch`).
+    CPU update the scores through the Gram matrix instead of a product per atom (`_mp_gram_batch`); a caller that
+    codes with the same dictionary again soon (a cache: the refinement, the next layer of a merged group) passes a
+    dict as `gram_memo` to keep the last dictionary's Gram matrix there (one at a time; the caller frees it).
     """
     if method not in _KERNELS:
         raise ValueError(f"method must be one of {sorted(_KERNELS)}, got {method!r}")
@@ -176,8 +171,12 @@ def sparse_encode(
         budget = 2**24 if x.device.type == "cpu" else 2**28
         chunk_size = max(256, budget // (dictionary.shape[0] * x.element_size()))
     kernel = _KERNELS[method]
-    if _gram_pays(x, dictionary, s, method):
-        gram = dictionary @ dictionary.T
+    if _gram_pays(x, dictionary, s, method, quantize):
+        memo = {} if gram_memo is None else gram_memo
+        held, gram, version = memo.get("gram", (None, None, None))
+        if held is not dictionary or version != dictionary._version:  # held: the dictionary's memory is never reused
+            gram = dictionary @ dictionary.T
+            memo["gram"] = (dictionary, gram, dictionary._version)
         kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram)  # noqa: E731
     if x.shape[0] <= chunk_size:
         return kernel(x, dictionary, s, quantize)

@@ -115,11 +115,11 @@ def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(round
     """A call with many vectors updates the scores through D Dᵀ in the CPU kernel (`_mp_gram_batch`): the same atoms
     and coefficients as the paper's loop (in float64), error feedback of rounded coefficients included."""
     import csr_runtime.sparse_coding as sc
-    from csr_runtime.code_packing import quantize_coefficients
+    from csr_runtime.code_packing import CoefficientRounding
 
     D = unit_dictionary(256, 16, seed=4)
     x = torch.randn(700, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    quantize = (lambda c: quantize_coefficients(c, "e3m1", 0.25)) if rounded else None
+    quantize = CoefficientRounding("e3m1", 0.25) if rounded else None
     taken = []
     gram_batch = sc._mp_gram_batch
     monkeypatch.setattr(sc, "_mp_gram_batch", lambda *a: taken.append(len(a[0])) or gram_batch(*a))
@@ -128,7 +128,26 @@ def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(round
     ref_idx, ref_coef = sc._mp_batch(x, D, 5, quantize)  # the product path in float64
     np.testing.assert_array_equal(idx.numpy(), ref_idx.numpy())
     np.testing.assert_allclose(coef.numpy(), ref_coef.numpy(), atol=1e-5)
-    # small calls, autograd and OMP keep the product path
-    assert not sc._gram_pays(x[:10].float(), D.float(), 5, "mp")
-    assert not sc._gram_pays(x.float(), D.float().requires_grad_(), 5, "mp")
-    assert not sc._gram_pays(x.float(), D.float(), 5, "omp")
+    # small calls, autograd, OMP and roundings other than e3m1 keep the product path
+    assert sc._gram_pays(x.float(), D.float(), 5, "mp", quantize)
+    assert not sc._gram_pays(x[:10].float(), D.float(), 5, "mp", quantize)
+    assert not sc._gram_pays(x.float(), D.float().requires_grad_(), 5, "mp", quantize)
+    assert not sc._gram_pays(x.float(), D.float(), 5, "omp", quantize)
+    assert not sc._gram_pays(x.float(), D.float(), 5, "mp", CoefficientRounding("fp8", 0.25))
+
+
+@pytest.mark.skipif(__import__("csr_runtime.native", fromlist=["x"]).find_compiler() is None,
+                    reason="no C compiler: no Gram matrix to keep")
+def test_a_gram_memo_keeps_the_last_dictionarys_gram_matrix_until_it_changes():
+    D = unit_dictionary(256, 16, seed=4, dtype=torch.float32)
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(6))
+    memo = {}
+    first = sparse_encode(x, D, s=4, gram_memo=memo)
+    gram = memo["gram"][1]
+    torch.testing.assert_close(gram, D @ D.T)
+    again = sparse_encode(x, D, s=4, gram_memo=memo)
+    assert memo["gram"][1] is gram and all(torch.equal(a, b) for a, b in zip(first, again))
+    D[0] = -D[0]  # edited in place: the memo must not serve the old matrix
+    sparse_encode(x, D, s=4, gram_memo=memo)
+    assert memo["gram"][1] is not gram
+    torch.testing.assert_close(memo["gram"][1], D @ D.T)
