@@ -59,13 +59,12 @@ from csr_runtime.batch_rows import BatchRowsMixin
 from csr_runtime.code_packing import (
     CodeLayout,
     CoefficientRounding,
-    append_bits,
-    count_bits,
     CoefFormat,
+    append_bits,
     coefficient_scale,
+    count_bits,
     pack_bits,
     pack_codes,
-    quantize_coefficients,
     unpack_bits,
     unpack_codes,
 )

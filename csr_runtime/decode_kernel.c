@@ -83,15 +83,20 @@ static inline void unpack_code(const uint8_t *code, int64_t len, const layout_t 
     }
 }
 
-/* acc[0:w] += sum over the k pairs: coef * atom[index], a row-local index (the offline atoms, then the row's
-   `slots` extra atoms); 1 for an index past them. Inlined with a constant w, the loop is unrolled. */
+/* The atom a row-local index names (the offline atoms, then the row's `slots` extra atoms); 0 past them. */
+static inline const float *row_atom(int64_t i, const float *offline, int64_t n_offline, const float *row_extra,
+                                    int64_t slots, int64_t w) {
+    return i < n_offline ? offline + i * w : i < n_offline + slots ? row_extra + (i - n_offline) * w : 0;
+}
+
+/* acc[0:w] += sum over the k pairs: coef * atom[index]; 1 for an index past the row's atoms. Inlined with a
+   constant w, the loop is unrolled. */
 static inline __attribute__((always_inline)) int add_atoms(float *acc, const int64_t *idx, const float *coef,
                                                            int64_t k, const float *offline, int64_t n_offline,
                                                            const float *row_extra, int64_t slots, const int64_t w) {
     for (int64_t a = 0; a < k; a++) {
-        const int64_t i = idx[a];
-        if (i >= n_offline + slots) return 1;
-        const float *atom = i < n_offline ? offline + i * w : row_extra + (i - n_offline) * w;
+        const float *atom = row_atom(idx[a], offline, n_offline, row_extra, slots, w);
+        if (!atom) return 1;
         const float c = coef[a];
         for (int64_t j = 0; j < w; j++) acc[j] += c * atom[j];
     }
@@ -187,9 +192,8 @@ static inline __attribute__((always_inline)) int add_atoms_v8(v8 *acc, const int
                                                                          int64_t k, const float *offline, int64_t n_offline,
                                                                          const float *row_extra, int64_t slots, const int V) {
     for (int64_t a = 0; a < k; a++) {
-        const int64_t i = idx[a];
-        if (i >= n_offline + slots) return 1;
-        const float *atom = i < n_offline ? offline + i * 8 * V : row_extra + (i - n_offline) * 8 * V;
+        const float *atom = row_atom(idx[a], offline, n_offline, row_extra, slots, 8 * V);
+        if (!atom) return 1;
         const v8 c = {coef[a], coef[a], coef[a], coef[a], coef[a], coef[a], coef[a], coef[a]};
         for (int j = 0; j < V; j++) acc[j] += c * load8(atom + 8 * j);
     }

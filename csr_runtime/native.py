@@ -202,9 +202,9 @@ def decode_into(out: torch.Tensor, packed: PackedCodes, cos: torch.Tensor | None
                 sin: torch.Tensor | None = None) -> bool:
     """Decode every row's codes into `out` (B, H, n, d) float32, a view whose last dim is contiguous (e.g. the
     coded slots of the step's buffer). cos, sin: (B, n, d) to rotate (keys), or their first halves (B, n, d / 2)
-    where the two halves are equal (every RoPE of transformers); (1, n, ·) when every row has the same positions. False when the kernel cannot take these tensors
-    (the caller takes the torch path)."""
-    B, H, n, d = out.shape
+    where the two halves are equal (every RoPE of transformers); (1, n, ·) when every row has the same positions.
+    False when the kernel cannot take these tensors (the caller takes the torch path)."""
+    B, H, n, _ = out.shape
     if not available() or out.device.type != "cpu" or out.dtype != torch.float32 or out.stride(-1) != 1:
         return False
     if packed.codes.shape[:2] != (B, n):
@@ -223,7 +223,7 @@ def key_scores(packed: PackedCodes, query: torch.Tensor, cos: torch.Tensor | Non
     """query: (B, H, G, d) one query per head, the G query heads of each KV head, already scaled → (B, H, G, n) float32
     q · k_t for every coded key k_t, each decoded (and rotated by cos/sin as in `decode_into`) inside the kernel and
     never stored. None when the kernel cannot take these tensors."""
-    B, H, G, d = query.shape
+    B, H, G, _ = query.shape
     if not applies(packed) or query.device.type != "cpu":
         return None
     n = packed.n_coded

@@ -177,7 +177,7 @@ def sparse_encode(
         if held is not dictionary or version != dictionary._version:  # held: the dictionary's memory is never reused
             gram = dictionary @ dictionary.T
             memo["gram"] = (dictionary, gram, dictionary._version)
-        kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram)  # noqa: E731
+        kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram)
     if x.shape[0] <= chunk_size:
         return kernel(x, dictionary, s, quantize)
     parts = [kernel(chunk, dictionary, s, quantize) for chunk in x.split(chunk_size)]
