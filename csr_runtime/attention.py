@@ -45,7 +45,7 @@ class CodedKeys:
     front: torch.Tensor  # (B, H, S, d) sink keys, rotated
     back: torch.Tensor  # (B, H, W + T, d) window and the call's new keys
     packed: PackedCodes  # the coded keys, before RoPE
-    cos: torch.Tensor  # (B, n, d or d / 2) of the coded positions, as `native.decode_into` takes them
+    cos: torch.Tensor  # (B or 1, n, d or d / 2) of the coded positions, as `native.decode_into` takes them
     sin: torch.Tensor
 
     @property

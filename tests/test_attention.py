@@ -27,12 +27,14 @@ def attention_implementation(lm, name):
 
 @torch.no_grad()
 def run(lm, ids, make_cache, prefill: int):
-    """Prefill, three one-token steps, then the rest as one chunk: the logits of every call, concatenated."""
+    """Prefill, three one-token steps, a 4-token chunk (keys still scored from codes), then the rest as one chunk:
+    the logits of every call, concatenated."""
     cache = make_cache()
     logits = [lm(ids[:, :prefill], cache=cache).logits]
     for t in range(prefill, prefill + 3):
         logits.append(lm(ids[:, t : t + 1], cache=cache).logits)
-    logits.append(lm(ids[:, prefill + 3 :], cache=cache).logits)
+    logits.append(lm(ids[:, prefill + 3 : prefill + 7], cache=cache).logits)
+    logits.append(lm(ids[:, prefill + 7 :], cache=cache).logits)
     return torch.cat(logits, dim=1)
 
 
@@ -58,8 +60,8 @@ def test_code_domain_values_match_the_dense_path_on_smollm2(smollm2, smollm2_kme
     make = lambda: CSRCache(lm, smollm2_kmeans_dictionary, sparsity=4, window=8)  # values: s_n = 2 chunks
     dense, codes = dense_and_codes(lm, ids, make, prefill=48)
     assert max(calls) >= 36  # 48 − 4 sinks − 8 window: the coded slots really went through the scatter onto atoms
-    if native.find_compiler() is not None:  # 30 layers × 3 one-token steps, keys and values
-        assert kernel_calls.count("key_scores") == 90 and kernel_calls.count("weighted_values") >= 90
+    if native.find_compiler() is not None:  # 30 layers × (3 one-token steps + the 4-token chunk), keys and values
+        assert kernel_calls.count("key_scores") == 120 and kernel_calls.count("weighted_values") >= 120
     # the prefill (nothing coded yet) runs PyTorch's fused attention, not eager's: float32 summation order
     torch.testing.assert_close(codes, dense, atol=1e-3, rtol=0)
 
