@@ -188,8 +188,9 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         # The attention of this call sees the compressed past plus its own tokens exactly (as in
         # transformers' QuantizedLayer); the new tokens are coded for later calls afterwards.
         as_codes = getattr(self.config, "_attn_implementation", None) == CSR_ATTENTION
-        keys_as_codes = as_codes and self._keys_as_codes(key_states)
-        if not keys_as_codes:
+        # a few new tokens (a decode step) score the coded keys from their codes; a long chunk is a matrix product
+        coded_keys = self._kernel_codes("keys") if as_codes and key_states.shape[2] <= 8 else None
+        if coded_keys is None:
             keys_out = self._assemble("keys", self.keys, key_states)
         if not as_codes:
             values_out = self._assemble("values", self.values, value_states)
@@ -197,8 +198,8 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.values = torch.cat([self.values, value_states], dim=-2)
         if as_codes:  # the window now ends with the new tokens; the codes are read before this call's are added
             values_out = self._coded_values()
-            if keys_as_codes:
-                keys_out = CodedKeys(self.sink_keys, self.keys, self._packed("keys"), *self._kernel_cos_sin())
+            if coded_keys is not None:
+                keys_out = CodedKeys(self.sink_keys, self.keys, coded_keys, *self._kernel_cos_sin())
         overflow = self.keys.shape[-2] - self.settings.window
         if overflow >= self.settings.coding_batch:  # fewer wait, exact: coding one token costs as much as eight
             old_k, old_v = self.keys[..., :overflow, :], self.values[..., :overflow, :]
@@ -504,12 +505,13 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         return native.PackedCodes(store.codes, store.layout, store.scale, store.codebook.offline, store.codebook.extra,
                                   store.refine_mask, store.refine_codes, store.refine_layout, store.center)
 
-    def _keys_as_codes(self, new_keys: torch.Tensor) -> bool:
-        """Whether this call's attention scores the coded keys from their codes (`CodedKeys`): something is coded, the
-        CPU kernel applies, and the call brings a few tokens (a decode step; a long chunk is a matrix product)."""
-        store = self.stores["keys"]
-        return (self.n_coded > 0 and new_keys.shape[2] <= 8 and store.unwhiten is None and new_keys.device.type == "cpu"
-                and native.applies(self._packed("keys")))
+    def _kernel_codes(self, kind: str) -> native.PackedCodes | None:
+        """One kind's codes where the attention kernels can read them (`CodedKeys`, `CodedValues`): something is coded,
+        not whitened, on the CPU with the kernels built; else None."""
+        if self.n_coded == 0 or self.stores[kind].unwhiten is not None:
+            return None
+        packed = self._packed(kind)
+        return packed if native.applies(packed) else None
 
     def _step_buffer(self, name: str, shape, dtype) -> torch.Tensor:
         """A tensor every layer of a step may use for `name` in turn: what `update` returns is read by the layer's
@@ -525,9 +527,10 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         store, H = self.stores["values"], self.values.shape[1]
         if self.n_coded == 0:
             return CodedValues(self.sink_values, self.values, None)
-        packed = self._packed("values")
-        if store.unwhiten is None and self.values.device.type == "cpu" and native.applies(packed):
+        packed = self._kernel_codes("values")
+        if packed is not None:
             return CodedValues(self.sink_values, self.values, packed)  # the kernel reads the packed codes
+        packed = self._packed("values")
         idx, coef = self._unpacked(store, H, self.settings.s_n_values, row_local=True)
         return CodedValues(self.sink_values, self.values, packed, idx, coef, store.unwhiten)
 

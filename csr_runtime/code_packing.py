@@ -35,8 +35,9 @@ from csr_core.code_layout import (
     index_bits_for,
 )
 
-__all__ = ["append_bits", "count_bits", "CoefficientRounding", "COEF_FORMATS", "e3m1_levels", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "coefficient_scale", "fp8_scale",
-           "index_bits_for", "pack_fields", "unpack_fields", "quantize_coefficients", "pack_codes", "unpack_codes", "pack_bits", "unpack_bits"]
+__all__ = ["COEF_FORMATS", "COEF_BITS", "FP8_MAX", "CodeLayout", "CoefFormat", "CoefficientRounding", "coefficient_scale",
+           "fp8_scale", "e3m1_levels", "index_bits_for", "pack_fields", "unpack_fields", "quantize_coefficients",
+           "pack_codes", "unpack_codes", "pack_bits", "append_bits", "count_bits", "unpack_bits"]
 
 _E3M1_TABLE = torch.tensor(E3M1_MAGNITUDES, dtype=torch.float32)
 _E3M1_MIDPOINTS = (_E3M1_TABLE[1:] + _E3M1_TABLE[:-1]) / 2

@@ -177,6 +177,7 @@ class PackedCodes:
 
 
 def _check(status: int, packed: PackedCodes) -> bool:
+    """False where the kernel declined (a head or code larger than its buffers); an error for corrupt codes."""
     if status == 2:
         raise ValueError(f"a code points past the {packed.atoms} atoms of its row: corrupt codes or the wrong dictionary")
     if status == 3:
@@ -214,40 +215,48 @@ def decode_into(out: torch.Tensor, packed: PackedCodes, cos: torch.Tensor | None
 
 
 def applies(packed: PackedCodes) -> bool:
-    """Whether the kernels can read these codes: built, on the CPU, float32 atoms."""
+    """Whether the kernels can read these codes: built, on the CPU, float32 atoms. `key_scores` and `weighted_values`
+    take only such codes (the caller checks)."""
     return available() and packed.codes.device.type == "cpu" and packed.offline.dtype == torch.float32
 
 
+def _require(packed: PackedCodes, *tensors: torch.Tensor) -> None:
+    if not applies(packed) or any(t.device.type != "cpu" for t in tensors):
+        raise ValueError("the CPU kernels cannot read these codes (no compiler, CSR_NATIVE=0 or CUDA tensors): check "
+                         "native.applies() first and take the PyTorch path")
+
+
+def _run_or_raise(status: int, packed: PackedCodes) -> None:
+    if not _check(status, packed):
+        raise ValueError("a head of over 1024 channels or a code of over 1024 pairs: more than the CPU kernels hold")
+
+
 def key_scores(packed: PackedCodes, query: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
-               ) -> torch.Tensor | None:
+               ) -> torch.Tensor:
     """query: (B, H, G, d) one query per head, the G query heads of each KV head, already scaled → (B, H, G, n) float32
     q · k_t for every coded key k_t, each decoded (and rotated by cos/sin as in `decode_into`) inside the kernel and
-    never stored. None when the kernel cannot take these tensors."""
+    never stored."""
+    _require(packed, query)
     B, H, G, _ = query.shape
-    if not applies(packed) or query.device.type != "cpu":
-        return None
-    n = packed.n_coded
-    scores = torch.empty(B, H, G, n, dtype=torch.float32)
-    status = _run_decode(packed, H, scores, (0, 0, 0), 1, G, query, cos, sin)
-    return scores if _check(status, packed) else None
+    scores = torch.empty(B, H, G, packed.n_coded, dtype=torch.float32)
+    _run_or_raise(_run_decode(packed, H, scores, (0, 0, 0), 1, G, query, cos, sin), packed)
+    return scores
 
 
-def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor | None:
+def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor:
     """weights: (B, H, G, n) attention weights of the coded slots → Σ_t w_t v_t (B, H, G, d) float32, values aggregated
     as codes: each pair adds w_t · coef to its atom's weight (the kernel), then one product with the atoms (BLAS)
-    and μ Σ_t w_t. None when the kernel cannot take these tensors."""
+    and μ Σ_t w_t."""
+    _require(packed, weights)
     B, H, G, n = weights.shape
-    if not applies(packed) or weights.device.type != "cpu":
-        return None
     threads = torch.get_num_threads()
     parts = max(1, min(threads // B, n // 256))  # rows in parallel; a row's tokens split where rows are fewer
     s_n, atoms, N = packed.layout.groups // H, packed.atoms, packed.offline.shape[0]
     a = torch.zeros(parts, B, H, s_n, atoms, G)
     weights = weights.float().contiguous()
     head, refinement, _held = packed._arguments()
-    status = _library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _ptr(a), parts, threads)
-    if status == 1 or not _check(status, packed):
-        return None
+    _run_or_raise(_library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _ptr(a), parts, threads),
+                  packed)
     a = (a.sum(0) if parts > 1 else a[0]).transpose(-1, -2)  # (B, H, s_n, G, atoms)
     out = a[..., :N] @ packed.offline.float()
     if atoms > N:  # each row's own extra atoms
@@ -270,6 +279,8 @@ def mp_gram(scores: torch.Tensor, gram: torch.Tensor, s: int, rounding=None) -> 
     idx, coef = torch.empty(n, s, dtype=torch.int64), torch.empty(n, s, dtype=torch.float32)
     levels = midpoints = None
     if rounding is not None:
+        if getattr(rounding, "coef_format", None) != "e3m1":
+            raise ValueError(f"mp_gram rounds coefficients to e3m1 only, got {rounding!r}: use sparse_encode")
         levels, midpoints = e3m1_levels()
     _library.csr_mp_gram(_ptr(scores), n, N, _ptr(gram), s, _ptr(idx), _ptr(coef), _ptr(levels), _ptr(midpoints),
                          0 if levels is None else len(levels), 1.0 if rounding is None else rounding.scale,

@@ -17,6 +17,8 @@ from typing import Callable, Literal
 
 import torch
 
+from csr_runtime import native
+
 Method = Literal["mp", "omp"]
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # coefficients → the values they are stored as
 
@@ -69,8 +71,6 @@ def _mp_gram_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: 
     scores per vector instead of N·d multiply-adds — in the CPU kernel (`native.mp_gram`), which chooses all s
     atoms of a vector while its scores stay in cache. The same choices as `_mp_batch` up to float rounding of the
     scores (near-ties may differ). No autograd (the caller checks); rounding: none or e3m1 (`_gram_pays`)."""
-    from csr_runtime import native
-
     return native.mp_gram((x @ dictionary.T).contiguous(), gram, s, quantize)
 
 
@@ -79,8 +79,6 @@ def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str, q
     vectors that the Gram matrix (N · N · d multiply-adds) costs less than the s − 1 products it saves (each also
     a pass for |scores| and one for their maximum, which the kernel fuses), N small enough that it stays cheap to
     hold (N ≤ 4096: 64 MiB), and coefficients kept as they are or rounded to e3m1 (which the kernel does itself)."""
-    from csr_runtime import native
-
     N = dictionary.shape[0]
     rounding = getattr(quantize, "coef_format", None)
     return (method == "mp" and s > 1 and x.shape[0] * (s - 1) > N and 256 <= N <= 4096

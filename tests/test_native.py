@@ -169,3 +169,21 @@ def test_kernel_rotates_with_full_width_cos_sin_where_the_halves_differ(monkeypa
     assert cache.layers[0].rope_repeats_halves is False
     for (keys, _), (ref_keys, _) in zip(fast, reference):
         torch.testing.assert_close(keys, ref_keys, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_kernels_refuse_codes_they_cannot_read(monkeypatch):
+    from csr_core.code_layout import CodeLayout
+    from csr_runtime.code_packing import pack_codes
+
+    layout = CodeLayout(groups=1, k=2, index_bits=8, coef_format="fp8")
+    codes = pack_codes(torch.tensor([[[3, 7]]]), torch.ones(1, 1, 2), layout).view(1, 1, -1)
+    packed = native.PackedCodes(codes, layout, torch.ones(1), torch.nn.functional.normalize(torch.randn(10, 16), dim=-1))
+    monkeypatch.setenv("CSR_NATIVE", "0")  # as on a machine without a compiler
+    assert not native.applies(packed)
+    with pytest.raises(ValueError, match="take the PyTorch path"):
+        native.key_scores(packed, torch.ones(1, 1, 1, 16), None, None)
+    with pytest.raises(ValueError, match="take the PyTorch path"):
+        native.weighted_values(packed, torch.ones(1, 1, 1, 1))
+    with pytest.raises(ValueError, match="e3m1 only"):
+        from csr_runtime.code_packing import CoefficientRounding
+        native.mp_gram(torch.zeros(2, 10), torch.eye(10), 2, CoefficientRounding("fp8", 1.0))
