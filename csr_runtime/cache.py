@@ -417,7 +417,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         s = self.settings
         if s.refine_fraction <= 0:
             return
-        B, H, T, s_n, w = chunks.shape
+        B, H, T, s_n, _ = chunks.shape
         n = T * H * s_n
         token_major = lambda t: t.transpose(1, 2).reshape(B, n, -1)  # (B, H, T, s_n, ·) → (B, n, ·), rows at once
         codebook = store.codebook

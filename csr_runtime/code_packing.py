@@ -217,7 +217,7 @@ def append_bits(packed: torch.Tensor, n: int, mask: torch.Tensor) -> torch.Tenso
     return torch.cat([packed[:, :full], pack_bits(torch.cat([tail, mask], dim=1))], dim=1)
 
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+_POPCOUNT = torch.tensor([i.bit_count() for i in range(256)], dtype=torch.int64)
 
 
 def count_bits(packed: torch.Tensor) -> torch.Tensor:
