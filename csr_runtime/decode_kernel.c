@@ -359,33 +359,44 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
    row: remove the previous atom's share (<R - c d_i, d_j> = <R, d_j> - c <d_i, d_j>) and find the first j of
    largest |score|; its score is the coefficient, rounded to the nearest of `levels` (times scale, ties to the
    lower level; the midpoints between levels given) as e3m1 is when levels are given; idx, coef: (n, s). */
-typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 
-/* row -= c * g (when g is given), then the first j of largest |row[j]|: one pass, in 8-float lanes (the
-   pass is bound by reading g from memory: a G row is 4 N bytes). */
+/* One block of 16 scores at row + j: row -= c * g there (when g is given), then each lane keeps its largest |row|
+   and the first index it was met at (strict >: the first of equals stays). */
+static inline __attribute__((always_inline)) void update_block(float *row, const float *g, v16 cv, int64_t j,
+                                                               v16 *best_abs, vi16 *best_index) {
+    const vi16 abs_mask = (vi16){0} + 0x7fffffff, lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    v16 v = load16(row + j);
+    if (g) {
+        v -= cv * load16(g + j);
+        memcpy(row + j, &v, sizeof v);
+    }
+    const v16 a = (v16)((vi16)v & abs_mask);
+    const vi16 greater = a > *best_abs;
+    *best_abs = (v16)((greater & (vi16)a) | (~greater & (vi16)*best_abs));
+    *best_index = (greater & (lanes + (int32_t)j)) | (~greater & *best_index);
+}
+
+/* row -= c * g (when g is given), then the first j of largest |row[j]|: one pass in 16-float lanes (one AVX-512
+   register, or two or four narrower ones) with masked blends, two blocks at a time into two sets of lanes so
+   that each compare does not wait on the one before (the chain of compares and selects bound the pass). */
 static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, float c) {
-    const v8 cv = {c, c, c, c, c, c, c, c};
-    const vi8 abs_mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
-    const vi8 step = {8, 8, 8, 8, 8, 8, 8, 8};
-    vi8 lane_index = {0, 1, 2, 3, 4, 5, 6, 7}, best_index = {0, 0, 0, 0, 0, 0, 0, 0};
-    v8 best_abs = {-1, -1, -1, -1, -1, -1, -1, -1};
+    const v16 cv = (v16){0} + c;
+    v16 best_abs[2] = {(v16){0} - 1.0f, (v16){0} - 1.0f};
+    vi16 best_index[2] = {(vi16){0}, (vi16){0}};
     int64_t j = 0;
-    for (; j + 8 <= N; j += 8) {
-        v8 v = load8(row + j);
-        if (g) {
-            v -= cv * load8(g + j);
-            memcpy(row + j, &v, sizeof v);
-        }
-        const v8 a = (v8)((vi8)v & abs_mask);
-        const vi8 greater = a > best_abs; /* strict: the first of equals stays */
-        best_abs = (v8)((greater & (vi8)a) | (~greater & (vi8)best_abs));
-        best_index = (greater & lane_index) | (~greater & best_index);
-        lane_index += step;
+    for (; j + 32 <= N; j += 32) {
+        update_block(row, g, cv, j, &best_abs[0], &best_index[0]);
+        update_block(row, g, cv, j + 16, &best_abs[1], &best_index[1]);
     }
     float top = -1.0f;
     int64_t at = 0;
-    for (int i = 0; i < 8; i++)
-        if (best_abs[i] > top || (best_abs[i] == top && best_index[i] < at)) top = best_abs[i], at = best_index[i];
+    for (int set = 0; set < 2; set++)
+        for (int i = 0; i < 16; i++)
+            if (best_abs[set][i] > top || (best_abs[set][i] == top && best_index[set][i] < at))
+                top = best_abs[set][i], at = best_index[set][i];
     for (; j < N; j++) {
         if (g) row[j] -= c * g[j];
         const float a = row[j] < 0 ? -row[j] : row[j];

@@ -65,13 +65,17 @@ def _mp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quant
     return torch.stack(idx, dim=-1), torch.stack(coef, dim=-1)
 
 
-def _mp_gram_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quantizer | None, gram: torch.Tensor):
+def _mp_gram_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quantizer | None, gram: torch.Tensor,
+                   scores: torch.Tensor | None = None):
     """Matching pursuit as `_mp_batch`, with one product with the dictionary instead of s: after an atom is chosen,
     the residual's scores follow from the Gram matrix, <R − c·d_i, d_j> = <R, d_j> − c·G[i, j] — an update of N
     scores per vector instead of N·d multiply-adds — in the CPU kernel (`native.mp_gram`), which chooses all s
     atoms of a vector while its scores stay in cache. The same choices as `_mp_batch` up to float rounding of the
-    scores (near-ties may differ). No autograd (the caller checks); rounding: none or e3m1 (`_gram_pays`)."""
-    return native.mp_gram((x @ dictionary.T).contiguous(), gram, s, quantize)
+    scores (near-ties may differ). No autograd (the caller checks); rounding: none or e3m1 (`_gram_pays`).
+    `scores`: an (≥ n, N) float32 buffer for X Dᵀ, reused across chunks (fresh memory faults its pages in on
+    every product: a third of the product's time at 2048 × 2048)."""
+    scores = x @ dictionary.T if scores is None else torch.mm(x, dictionary.T, out=scores[: x.shape[0]])
+    return native.mp_gram(scores, gram, s, quantize)
 
 
 def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str, quantize: Quantizer | None) -> bool:
@@ -126,6 +130,9 @@ def _omp_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quan
 
 
 _KERNELS = {"mp": _mp_batch, "omp": _omp_batch}
+# Rows per product in the Gram path: 512 rows' scores (4 MiB at N = 2048) stay in the L3 cache beside the Gram
+# matrix (16 MiB); with 2048 rows and a fresh buffer per product, MP of 12288 vectors took 40-49 ms instead of 32-33.
+_GRAM_CHUNK = 512
 
 
 def sparse_encode(
@@ -175,7 +182,9 @@ def sparse_encode(
         if held is not dictionary or version != dictionary._version:  # held: the dictionary's memory is never reused
             gram = dictionary @ dictionary.T
             memo["gram"] = (dictionary, gram, dictionary._version)
-        kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram)
+        chunk_size = min(chunk_size, _GRAM_CHUNK)
+        buffer = x.new_empty(min(x.shape[0], chunk_size), dictionary.shape[0])
+        kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram, buffer)
     if x.shape[0] <= chunk_size:
         return kernel(x, dictionary, s, quantize)
     parts = [kernel(chunk, dictionary, s, quantize) for chunk in x.split(chunk_size)]
