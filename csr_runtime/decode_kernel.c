@@ -405,6 +405,17 @@ static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, f
     return at;
 }
 
+/* c rounded to the nearest of `levels` times scale (ties to the lower level; the midpoints between levels given),
+   as e3m1 is; c itself without levels. */
+static inline float round_to_levels(float c, const float *levels, const float *midpoints, int64_t n_levels,
+                                    float scale) {
+    if (!levels) return c;
+    const float v = c / scale, magnitude = v < 0 ? -v : v;
+    int64_t m = 0; /* midpoints below the magnitude (as torch.bucketize counts them) */
+    for (int64_t i = 0; i < n_levels - 1; i++) m += midpoints[i] < magnitude;
+    return v < 0 ? -(levels[m] * scale) : levels[m] * scale;
+}
+
 void csr_mp_gram(float *scores, int64_t n, int64_t N, const float *gram, int64_t s, int64_t *idx, float *coef,
                  const float *levels, const float *midpoints, int64_t n_levels, float scale, int64_t threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -414,16 +425,70 @@ void csr_mp_gram(float *scores, int64_t n, int64_t N, const float *gram, int64_t
         float c = 0.0f;
         for (int64_t a = 0; a < s; a++) {
             const int64_t at = update_and_argmax(row, N, g, c);
-            c = row[at];
-            if (levels) {
-                const float v = c / scale, magnitude = v < 0 ? -v : v;
-                int64_t m = 0; /* midpoints below the magnitude (as torch.bucketize counts them) */
-                for (int64_t i = 0; i < n_levels - 1; i++) m += midpoints[i] < magnitude;
-                c = v < 0 ? -(levels[m] * scale) : levels[m] * scale;
-            }
+            c = round_to_levels(row[at], levels, midpoints, n_levels, scale);
             idx[r * s + a] = at;
             coef[r * s + a] = c;
             g = gram + at * N;
+        }
+    }
+}
+
+/* Matching pursuit of a few rows without the Gram matrix (a decode step's new tokens: too few to pay for it): per
+   atom, every score of the residual, <R, d_j> = sum_k R[k] atoms_t[k, j] summed in k order, 16 atoms a register
+   and MP_ROWS rows a sweep, so each load of the atoms (N d floats, column-major, in L2) serves MP_ROWS rows; the
+   first j of largest |score| as in update_block. x (n, d) -> idx, coef (n, s); rounding as csr_mp_gram. */
+enum { MP_ROWS = 4 };
+
+void csr_mp_direct(const float *x, int64_t n, int64_t d, const float *atoms_t, int64_t N, int64_t s, int64_t *idx,
+                   float *coef, const float *levels, const float *midpoints, int64_t n_levels, float scale,
+                   int64_t threads) {
+    if (d > MAX_DIM) return;
+    const vi16 abs_mask = (vi16){0} + 0x7fffffff, lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const int64_t sweeps = (n + MP_ROWS - 1) / MP_ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t sweep = 0; sweep < sweeps; sweep++) {
+        const int64_t r0 = sweep * MP_ROWS, rows = n - r0 < MP_ROWS ? n - r0 : MP_ROWS;
+        float residual[MP_ROWS][MAX_DIM];
+        for (int64_t r = 0; r < MP_ROWS; r++)
+            for (int64_t k = 0; k < d; k++) residual[r][k] = r < rows ? x[(r0 + r) * d + k] : 0.0f;
+        for (int64_t a = 0; a < s; a++) {
+            v16 best_abs[MP_ROWS];
+            vi16 best_index[MP_ROWS];
+            for (int r = 0; r < MP_ROWS; r++) best_abs[r] = (v16){0} - 1.0f, best_index[r] = (vi16){0};
+            int64_t j = 0;
+            for (; j + 16 <= N; j += 16) {
+                v16 score[MP_ROWS];
+                for (int r = 0; r < MP_ROWS; r++) score[r] = (v16){0};
+                for (int64_t k = 0; k < d; k++) {
+                    const v16 atom_k = load16(atoms_t + k * N + j);
+                    for (int r = 0; r < MP_ROWS; r++) score[r] += residual[r][k] * atom_k;
+                }
+                for (int r = 0; r < MP_ROWS; r++) {
+                    const v16 m = (v16)((vi16)score[r] & abs_mask);
+                    const vi16 greater = m > best_abs[r];
+                    best_abs[r] = (v16)((greater & (vi16)m) | (~greater & (vi16)best_abs[r]));
+                    best_index[r] = (greater & (lanes + (int32_t)j)) | (~greater & best_index[r]);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                float top = -1.0f;
+                int64_t at = 0;
+                for (int i = 0; i < 16; i++)
+                    if (best_abs[r][i] > top || (best_abs[r][i] == top && best_index[r][i] < at))
+                        top = best_abs[r][i], at = best_index[r][i];
+                for (int64_t t = j; t < N; t++) { /* atoms past the last full register */
+                    float score = 0.0f;
+                    for (int64_t k = 0; k < d; k++) score += residual[r][k] * atoms_t[k * N + t];
+                    const float m = score < 0 ? -score : score;
+                    if (m > top) top = m, at = t;
+                }
+                float c = 0.0f; /* the chosen atom's score, summed in the same order */
+                for (int64_t k = 0; k < d; k++) c += residual[r][k] * atoms_t[k * N + at];
+                c = round_to_levels(c, levels, midpoints, n_levels, scale);
+                for (int64_t k = 0; k < d; k++) residual[r][k] -= c * atoms_t[k * N + at];
+                idx[(r0 + r) * s + a] = at;
+                coef[(r0 + r) * s + a] = c;
+            }
         }
     }
 }

@@ -79,15 +79,28 @@ def _mp_gram_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: 
 
 
 def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str, quantize: Quantizer | None) -> bool:
-    """Whether `_mp_gram_batch` applies and pays: plain MP without autograd on CPU float32, the kernel built, enough
-    vectors that the Gram matrix (N · N · d multiply-adds) costs less than the s − 1 products it saves (each also
-    a pass for |scores| and one for their maximum, which the kernel fuses), N small enough that it stays cheap to
-    hold (N ≤ 4096: 64 MiB), and coefficients kept as they are or rounded to e3m1 (which the kernel does itself)."""
+    """Whether `_mp_gram_batch` applies (`_kernel_applies`) and pays: enough vectors that the Gram matrix
+    (N · N · d multiply-adds) costs less than the s − 1 products it saves (each also a pass for |scores| and one
+    for their maximum, which the kernel fuses), and N small enough that it stays cheap to hold (N ≤ 4096: 64 MiB)."""
     N = dictionary.shape[0]
-    rounding = getattr(quantize, "coef_format", None)
-    return (method == "mp" and s > 1 and x.shape[0] * (s - 1) > N and 256 <= N <= 4096
-            and (quantize is None or rounding == "e3m1")
-            and x.device.type == "cpu" and x.dtype == torch.float32
+    return s > 1 and x.shape[0] * (s - 1) > N and 256 <= N <= 4096 and _kernel_applies(x, dictionary, s, method, quantize)
+
+
+def _mp_direct_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quantizer | None,
+                     atoms_t: torch.Tensor):
+    """Matching pursuit as `_mp_batch` in one call of the CPU kernel (`native.mp_direct`), which computes each
+    residual's scores itself: for calls too small for the Gram matrix — a decode step's 24 new keys cost ~60 tensor
+    operations on the torch path, bound by their count rather than by arithmetic. The same choices as `_mp_batch`
+    up to float rounding of the scores (near-ties may differ). `atoms_t`: the dictionary transposed, (d, N)."""
+    return native.mp_direct(x.contiguous(), atoms_t, s, quantize)
+
+
+def _kernel_applies(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str, quantize: Quantizer | None) -> bool:
+    """Whether the CPU MP kernels (`_mp_gram_batch`, `_mp_direct_batch`) can code this call: plain MP without
+    autograd on CPU float32, the kernels built, coefficients kept as they are or rounded to e3m1 (which the kernels
+    do themselves)."""
+    return (method == "mp" and (quantize is None or getattr(quantize, "coef_format", None) == "e3m1")
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] <= 1024
             and not (torch.is_grad_enabled() and (x.requires_grad or dictionary.requires_grad)) and native.available())
 
 
@@ -153,9 +166,10 @@ def sparse_encode(
     chunk's scores take 16 MiB on CPU (they stay in cache: ~1.7× faster at N = 4096 than 8192 rows)
     and 256 MiB on a GPU. `quantize` maps coefficients to the values they will be stored as (e.g.
     FP8): MP then codes each residual against the rounded coefficients. Large calls without autograd on the
-    CPU update the scores through the Gram matrix instead of a product per atom (`_mp_gram_batch`); a caller that
-    codes with the same dictionary again soon (a cache: the refinement, the next layer of a merged group) passes a
-    dict as `gram_memo` to keep the last dictionary's Gram matrix there (one at a time; the caller frees it).
+    CPU update the scores through the Gram matrix instead of a product per atom (`_mp_gram_batch`), smaller ones
+    run in one kernel call (`_mp_direct_batch`); a caller that codes with the same dictionary again soon (a cache:
+    the refinement, the next layer of a merged group) passes a dict as `gram_memo` to keep what they derive from
+    the last dictionary there (its Gram matrix, its transpose; one of each at a time; the caller frees it).
     """
     if method not in _KERNELS:
         raise ValueError(f"method must be one of {sorted(_KERNELS)}, got {method!r}")
@@ -176,19 +190,29 @@ def sparse_encode(
         budget = 2**24 if x.device.type == "cpu" else 2**28
         chunk_size = max(256, budget // (dictionary.shape[0] * x.element_size()))
     kernel = _KERNELS[method]
+    memo = {} if gram_memo is None else gram_memo
     if _gram_pays(x, dictionary, s, method, quantize):
-        memo = {} if gram_memo is None else gram_memo
-        held, gram, version = memo.get("gram", (None, None, None))
-        if held is not dictionary or version != dictionary._version:  # held: the dictionary's memory is never reused
-            gram = dictionary @ dictionary.T
-            memo["gram"] = (dictionary, gram, dictionary._version)
+        gram = _memoized(memo, "gram", dictionary, lambda D: D @ D.T)
         chunk_size = min(chunk_size, _GRAM_CHUNK)
         buffer = x.new_empty(min(x.shape[0], chunk_size), dictionary.shape[0])
         kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram, buffer)
+    elif _kernel_applies(x, dictionary, s, method, quantize):
+        atoms_t = _memoized(memo, "atoms_t", dictionary, lambda D: D.T.contiguous())
+        kernel = lambda chunk, D, s, quantize: _mp_direct_batch(chunk, D, s, quantize, atoms_t)
     if x.shape[0] <= chunk_size:
         return kernel(x, dictionary, s, quantize)
     parts = [kernel(chunk, dictionary, s, quantize) for chunk in x.split(chunk_size)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _memoized(memo: dict, name: str, dictionary: torch.Tensor, make: Callable[[torch.Tensor], torch.Tensor]):
+    """make(dictionary), kept in memo[name] for the last dictionary it was made for (held: its memory is never
+    reused while held; its version: not changed in place since)."""
+    held, value, version = memo.get(name, (None, None, None))
+    if held is not dictionary or version != dictionary._version:
+        value = make(dictionary)
+        memo[name] = (dictionary, value, dictionary._version)
+    return value
 
 
 def sparse_decode(idx: torch.Tensor, coef: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:

@@ -137,6 +137,38 @@ def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(round
     assert not sc._gram_pays(x.float(), D.float(), 5, "mp", CoefficientRounding("fp8", 0.25))
 
 
+@pytest.mark.parametrize("rounded", [False, True])
+@pytest.mark.parametrize("n, N, d", [(7, 250, 20), (24, 512, 64)])
+def test_small_mp_calls_in_one_kernel_call_choose_the_reference_atoms(rounded, n, N, d, monkeypatch):
+    """A call too small for the Gram matrix (a decode step's vectors) runs in one call of the CPU kernel
+    (`_mp_direct_batch`), which computes every score itself: the same atoms and coefficients as the paper's loop in
+    float64, error feedback included — for row counts that leave a partial sweep of rows and atom counts that
+    leave atoms past the last full register. Without a C compiler (CI has one) the product path gives the same."""
+    import csr_runtime.sparse_coding as sc
+    from csr_runtime import native
+    from csr_runtime.code_packing import CoefficientRounding
+
+    D = unit_dictionary(N, d, seed=7)
+    x = torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    quantize = CoefficientRounding("e3m1", 0.25) if rounded else None
+    taken = []
+    direct_batch = sc._mp_direct_batch
+    monkeypatch.setattr(sc, "_mp_direct_batch", lambda *a: taken.append(len(a[0])) or direct_batch(*a))
+    memo = {}
+    idx, coef = sparse_encode(x.float(), D.float(), s=4, quantize=quantize, gram_memo=memo)
+    assert taken == ([n] if native.find_compiler() is not None else [])
+    ref_idx, ref_coef = sc._mp_batch(x, D, 4, quantize)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx.numpy())
+    np.testing.assert_allclose(coef.numpy(), ref_coef.numpy(), atol=1e-5)
+    if taken:  # the transposed atoms are kept for the next call with this dictionary
+        torch.testing.assert_close(memo["atoms_t"][1], D.float().T)
+    # autograd, OMP, float64 and roundings other than e3m1 keep the product path
+    assert not sc._kernel_applies(x.float(), D.float().requires_grad_(), 4, "mp", quantize)
+    assert not sc._kernel_applies(x.float(), D.float(), 4, "omp", quantize)
+    assert not sc._kernel_applies(x, D, 4, "mp", quantize)
+    assert not sc._kernel_applies(x.float(), D.float(), 4, "mp", CoefficientRounding("fp8", 0.25))
+
+
 def test_a_gram_memo_keeps_the_last_dictionarys_gram_matrix_until_it_changes():
     from csr_runtime import native
 
