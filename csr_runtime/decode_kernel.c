@@ -290,10 +290,27 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
 
 
 /* Tokens t0..t1 of row b, values as codes: a[h, c, atom, g] += w[b, h, g, t] * coef for every pair of chunk c of
-   head h (the refined vectors' extra pairs too); the G query heads' weights of one atom side by side, so a pair
-   touches one cache line. a: this job's (H, s_n, atoms, G) accumulator. */
-static int scatter_block(const job_t *J, const float *weights, float *a, int64_t atoms, int64_t b, int64_t t0,
-                         int64_t t1) {
+   head h (the refined vectors' extra pairs too); the G query heads' weights of one atom side by side in `Gs` >= G
+   slots, so a pair touches one cache line. With Gs = 4 (G <= 4: SmolLM2's 3, Llama 3's 4) a pair is one 4-float
+   vector update instead of G scalar ones (a third of the instructions; the same roundings: unused slots add 0).
+   a: this job's (H, s_n, atoms, Gs) accumulator. */
+typedef float v4 __attribute__((vector_size(16)));
+
+static inline __attribute__((always_inline)) void add_pair(float *slot, const float *w, v4 wv, float cf, int64_t G,
+                                                           const int four) {
+    if (four) {
+        v4 cur;
+        memcpy(&cur, slot, sizeof cur);
+        cur += wv * cf;
+        memcpy(slot, &cur, sizeof cur);
+    } else {
+        for (int64_t g = 0; g < G; g++) slot[g] += w[g] * cf;
+    }
+}
+
+static inline __attribute__((always_inline)) int scatter_block(const job_t *J, const float *weights, float *a,
+                                                               int64_t atoms, int64_t Gs, int64_t b, int64_t t0,
+                                                               int64_t t1, const int four) {
     const int64_t groups = J->L.groups, k = J->L.k, rk = J->RL.k, H = J->H, G = J->G, s_n = groups / H;
     const float scale = J->row_scale[b];
     const uint8_t *row_mask = J->mask ? J->mask + b * J->mask_bytes : 0;
@@ -306,15 +323,15 @@ static int scatter_block(const job_t *J, const float *weights, float *a, int64_t
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
         unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
         for (int64_t h = 0; h < H; h++) {
-            for (int64_t g = 0; g < G; g++) w[g] = weights[((b * H + h) * G + g) * J->n + t];
+            for (int64_t g = 0; g < Gs; g++) w[g] = g < G ? weights[((b * H + h) * G + g) * J->n + t] : 0.0f;
+            const v4 wv = {w[0], w[1], w[2], w[3]};
             for (int64_t c = 0; c < s_n; c++) {
                 const int64_t v = t * groups + h * s_n + c;
-                float *ac = a + (h * s_n + c) * atoms * G;
+                float *ac = a + (h * s_n + c) * atoms * Gs;
                 for (int64_t p = 0; p < k; p++) {
                     const int64_t i = idx[(h * s_n + c) * k + p];
-                    const float cf = coef[(h * s_n + c) * k + p];
                     if (i >= atoms) return 1;
-                    for (int64_t g = 0; g < G; g++) ac[i * G + g] += w[g] * cf;
+                    add_pair(ac + i * Gs, w, wv, coef[(h * s_n + c) * k + p], G, four);
                 }
                 if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) {
                     if (refined >= J->R) return 2;
@@ -322,7 +339,7 @@ static int scatter_block(const job_t *J, const float *weights, float *a, int64_t
                     unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
                     for (int64_t p = 0; p < rk; p++) {
                         if (ridx[p] >= atoms) return 1;
-                        for (int64_t g = 0; g < G; g++) ac[ridx[p] * G + g] += w[g] * rcoef[p];
+                        add_pair(ac + ridx[p] * Gs, w, wv, rcoef[p], G, four);
                     }
                 }
             }
@@ -331,7 +348,7 @@ static int scatter_block(const job_t *J, const float *weights, float *a, int64_t
     return 0;
 }
 
-/* weights (B, H, G, n) -> a (P, B, H, s_n, atoms, G), zeroed by the caller: part p holds the sums over the p-th
+/* weights (B, H, G, n) -> a (P, B, H, s_n, atoms, Gs), zeroed by the caller (Gs >= max(G, 4) slots an atom): part p holds the sums over the p-th
    of P equal token ranges (threads never write the same floats; the caller adds the parts).
    Returns 0; 1 when a pair count is over the stack buffers; 2 for an index past a row's atoms; 3 for more
    refined vectors than refinement codes. */
@@ -339,17 +356,20 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
                       int64_t index_bytes, int64_t nbytes, int64_t fmt, const float *lut, const float *row_scale,
                       int64_t atoms, const uint8_t *mask, int64_t mask_bytes, const uint8_t *rcodes, int64_t R,
                       int64_t rk, int64_t r_index_bytes, int64_t r_nbytes, int64_t H, int64_t G,
-                      const float *weights, float *a, int64_t P, int64_t threads) {
-    if (groups * k > MAX_FIELDS || rk > MAX_FIELDS || G > MAX_FIELDS) return 1;
+                      const float *weights, float *a, int64_t Gs, int64_t P, int64_t threads) {
+    if (groups * k > MAX_FIELDS || rk > MAX_FIELDS || Gs > MAX_FIELDS || Gs < G || Gs < 4) return 1;
     const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, 0, 0, 0, 0, 0, 0, 0, 0, 0, G,
                      {groups, k, index_bits, index_bytes, nbytes, fmt},
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, 0, 0, 0, 0, 0, 0, 0};
-    const int64_t per_row = H * G * (groups / H) * atoms;
+    const int64_t per_row = H * Gs * (groups / H) * atoms;
     int status = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
     for (int64_t job = 0; job < P * B; job++) {
         const int64_t p = job / B, b = job % B;
-        status |= 1 << scatter_block(&J, weights, a + (p * B + b) * per_row, atoms, b, n * p / P, n * (p + 1) / P);
+        float *part = a + (p * B + b) * per_row;
+        const int64_t t0 = n * p / P, t1 = n * (p + 1) / P;
+        status |= 1 << (Gs == 4 ? scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 1)
+                                : scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 0));
     }
     return status & 4 ? 3 : status & 2 ? 2 : 0;
 }

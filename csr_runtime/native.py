@@ -99,7 +99,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                i64, i64, i64, ptr, i64, i64]
     lib.csr_value_weights.restype = ctypes.c_int
     lib.csr_value_weights.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64,
-                                      i64, i64, i64, i64, i64, ptr, ptr, i64, i64]
+                                      i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64]
     lib.csr_mp_gram.restype = None
     lib.csr_mp_gram.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     lib.csr_mp_direct.restype = None
@@ -256,12 +256,13 @@ def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor:
     threads = torch.get_num_threads()
     parts = max(1, min(threads // B, n // 256))  # rows in parallel; a row's tokens split where rows are fewer
     s_n, atoms, N = packed.layout.groups // H, packed.atoms, packed.offline.shape[0]
-    a = torch.zeros(parts, B, H, s_n, atoms, G)
+    slots = -(-max(G, 4) // 4) * 4  # an atom's G weights padded to whole 4-float vectors (one update a pair)
+    a = torch.zeros(parts, B, H, s_n, atoms, slots)
     weights = weights.float().contiguous()
     head, refinement, _held = packed._arguments()
-    _run_or_raise(_library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _ptr(a), parts, threads),
-                  packed)
-    a = (a.sum(0) if parts > 1 else a[0]).transpose(-1, -2)  # (B, H, s_n, G, atoms)
+    _run_or_raise(_library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _ptr(a), slots, parts,
+                                             threads), packed)
+    a = (a.sum(0) if parts > 1 else a[0])[..., :G].transpose(-1, -2)  # (B, H, s_n, G, atoms)
     out = a[..., :N] @ packed.offline.float()
     if atoms > N:  # each row's own extra atoms
         out += (a[..., N:].reshape(B, -1, atoms - N) @ packed.extra.float()).view(out.shape)
