@@ -13,6 +13,9 @@
  * a_atom = sum of w_t * coef over the pairs naming that atom: one scatter per pair instead of a d_h-wide
  * decode per value; the product of a with the atoms is left to BLAS (csr_runtime/native.py).
  *
+ * csr_mp_gram / csr_mp_direct: matching pursuit, through the Gram matrix for many vectors, or computing every
+ * score itself for a decode step's few (csr_runtime/sparse_coding.py chooses).
+ *
  * Built and loaded by csr_runtime/native.py with the system C compiler; parity with the torch
  * path is tested in tests/test_native.py.
  */
