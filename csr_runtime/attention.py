@@ -54,11 +54,18 @@ class CodedKeys:
         return torch.Size((B, H, self.front.shape[2] + self.packed.n_coded + self.back.shape[2], d))
 
     def scores(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """query (B, H, G, T, d), the G query heads of each KV head → (B, H, G, T, S) scaled scores."""
+        """query (B, H, G, T, d), the G query heads of each KV head → (B, H, G, T, S) scaled scores, float32. The
+        kernel writes the coded keys' scores straight into their slots (no concatenation: at 69 rows × 8k a layer's
+        scores are 20 MB)."""
         B, H, G, T, d = query.shape
+        S0, n = self.front.shape[2], self.packed.n_coded
+        out = torch.empty(B, H, G, T, S0 + n + self.back.shape[2], dtype=torch.float32)
         exact = lambda keys: (query @ keys[:, :, None].transpose(-1, -2).to(query.dtype)) * scaling
-        coded = native.key_scores(self.packed, (query * scaling).reshape(B, H, G * T, d), self.cos, self.sin)
-        return torch.cat([exact(self.front), coded.view(B, H, G, T, -1).to(query.dtype), exact(self.back)], dim=-1)
+        out[..., :S0] = exact(self.front)
+        out[..., S0 + n :] = exact(self.back)
+        native.key_scores(self.packed, (query * scaling).reshape(B, H, G * T, d), self.cos, self.sin,
+                          out=out.view(B, H, G * T, -1)[..., S0 : S0 + n])
+        return out
 
 
 @dataclass
@@ -148,9 +155,9 @@ def csr_attention(module, query: torch.Tensor, key: torch.Tensor, value, attenti
         scores = (query @ key[:, :, None].transpose(-1, -2)) * scaling  # (B, H, G, T, S)
     mask = _full_mask(attention_mask, T, key.shape[2], query.device)
     if mask is not None and mask.dtype == torch.bool:  # SDPA's boolean mask (B, 1, T, S): True = attend
-        scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
+        scores.masked_fill_(~mask[:, :, None], float("-inf"))  # in place: the scores are this call's own tensor
     elif mask is not None:  # an additive float mask (a caller's own 4-D mask)
-        scores = scores + mask[:, :, None]
+        scores += mask[:, :, None]
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
     out = value.aggregate(weights)

@@ -130,7 +130,8 @@ typedef struct {
     int64_t B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block, rope_width, cos_row, op, G;
     layout_t L, RL;
     const float *lut, *row_scale, *offline, *extra, *center, *cos, *sin, *query;
-    float *out; /* OP_DECODE: (B, H, n, d) at strides so_*; OP_SCORE: scores (B, H, G, n) */
+    float *out; /* OP_DECODE: (B, H, n, d) at strides so_*; OP_SCORE: scores (B, H, G, n), so_t (0: n) floats
+                   from one query head's row to the next */
 } job_t;
 
 /* Tokens t0..t1 of row b. w and s_n are constants where the caller inlines it for the usual shapes. */
@@ -177,8 +178,9 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
             }
             if (J->op == OP_SCORE) { /* the G query heads of KV head h: (B, H, G, d) queries, (B, H, G, n) scores */
                 const float *q = J->query + (b * J->H + h) * J->G * d;
-                float *score = J->out + (b * J->H + h) * J->G * J->n + t;
-                for (int64_t g = 0; g < J->G; g++) score[g * J->n] = dot(q + g * d, rotated, d);
+                const int64_t rs = J->so_t ? J->so_t : J->n;
+                float *score = J->out + (b * J->H + h) * J->G * rs + t;
+                for (int64_t g = 0; g < J->G; g++) score[g * rs] = dot(q + g * d, rotated, d);
             }
         }
     }
@@ -244,11 +246,12 @@ static inline __attribute__((always_inline)) int score_block(const job_t *J, int
                 for (int j = 0; j < V; j++) rot[j] = acc[j];
             }
             const float *q = J->query + (b * groups + h) * G * d;
-            float *score = J->out + (b * groups + h) * G * J->n + t;
+            const int64_t rs = J->so_t ? J->so_t : J->n; /* floats from one query head's scores to the next */
+            float *score = J->out + (b * groups + h) * G * rs + t;
             for (int64_t g = 0; g < G; g++) {
                 v8 sum = rot[0] * load8(q + g * d);
                 for (int j = 1; j < V; j++) sum += rot[j] * load8(q + g * d + 8 * j);
-                score[g * J->n] = sum8(sum);
+                score[g * rs] = sum8(sum);
             }
         }
     }
@@ -326,7 +329,7 @@ static inline __attribute__((always_inline)) int scatter_block(const job_t *J, c
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
         unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
         for (int64_t h = 0; h < H; h++) {
-            for (int64_t g = 0; g < Gs; g++) w[g] = g < G ? weights[((b * H + h) * G + g) * J->n + t] : 0.0f;
+            for (int64_t g = 0; g < Gs; g++) w[g] = g < G ? weights[((b * H + h) * G + g) * J->so_t + t] : 0.0f;
             const v4 wv = {w[0], w[1], w[2], w[3]};
             for (int64_t c = 0; c < s_n; c++) {
                 const int64_t v = t * groups + h * s_n + c;
@@ -351,7 +354,8 @@ static inline __attribute__((always_inline)) int scatter_block(const job_t *J, c
     return 0;
 }
 
-/* weights (B, H, G, n) -> a (P, B, H, s_n, atoms, Gs), zeroed by the caller (Gs >= max(G, 4) slots an atom): part p holds the sums over the p-th
+/* weights (B, H, G, n), weight_stride floats from one (b, h, g) row to the next -> a (P, B, H, s_n, atoms, Gs),
+   zeroed by the caller (Gs >= max(G, 4) slots an atom): part p holds the sums over the p-th
    of P equal token ranges (threads never write the same floats; the caller adds the parts).
    Returns 0; 1 when a pair count is over the stack buffers; 2 for an index past a row's atoms; 3 for more
    refined vectors than refinement codes. */
@@ -359,9 +363,9 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
                       int64_t index_bytes, int64_t nbytes, int64_t fmt, const float *lut, const float *row_scale,
                       int64_t atoms, const uint8_t *mask, int64_t mask_bytes, const uint8_t *rcodes, int64_t R,
                       int64_t rk, int64_t r_index_bytes, int64_t r_nbytes, int64_t H, int64_t G,
-                      const float *weights, float *a, int64_t Gs, int64_t P, int64_t threads) {
+                      const float *weights, int64_t weight_stride, float *a, int64_t Gs, int64_t P, int64_t threads) {
     if (groups * k > MAX_FIELDS || rk > MAX_FIELDS || Gs > MAX_FIELDS || Gs < G || Gs < 4) return 1;
-    const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, 0, 0, 0, 0, 0, 0, 0, 0, 0, G,
+    const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, 0, 0, 0, 0, weight_stride, 0, 0, 0, 0, G,
                      {groups, k, index_bits, index_bytes, nbytes, fmt},
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, 0, 0, 0, 0, 0, 0, 0};
     const int64_t per_row = H * Gs * (groups / H) * atoms;

@@ -99,7 +99,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                i64, i64, i64, ptr, i64, i64]
     lib.csr_value_weights.restype = ctypes.c_int
     lib.csr_value_weights.argtypes = [ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64,
-                                      i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64]
+                                      i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, i64]
     lib.csr_mp_gram.restype = None
     lib.csr_mp_gram.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     lib.csr_mp_direct.restype = None
@@ -235,15 +235,29 @@ def _run_or_raise(status: int, packed: PackedCodes) -> None:
         raise ValueError("a head of over 1024 channels or a code of over 1024 pairs: more than the CPU kernels hold")
 
 
-def key_scores(packed: PackedCodes, query: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None
-               ) -> torch.Tensor:
+def _row_stride(t: torch.Tensor) -> int | None:
+    """The stride from one row to the next of a (B, H, R, n) float32 tensor whose rows are evenly spaced with
+    contiguous elements (e.g. a slice of the last dim of a contiguous tensor); None otherwise."""
+    B, H, R, _ = t.shape
+    rs = t.stride(2)
+    even = t.stride(3) == 1 and (H == 1 or t.stride(1) == R * rs) and (B == 1 or t.stride(0) == H * R * rs)
+    return rs if even and t.dtype == torch.float32 and t.device.type == "cpu" else None
+
+
+def key_scores(packed: PackedCodes, query: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """query: (B, H, G, d) one query per head, the G query heads of each KV head, already scaled → (B, H, G, n) float32
     q · k_t for every coded key k_t, each decoded (and rotated by cos/sin as in `decode_into`) inside the kernel and
-    never stored."""
+    never stored. `out`: where to write them, a (B, H, G, n) float32 view with evenly spaced rows (the coded slots
+    of the whole score tensor: no concatenation afterwards)."""
     _require(packed, query)
     B, H, G, _ = query.shape
-    scores = torch.empty(B, H, G, packed.n_coded, dtype=torch.float32)
-    _run_or_raise(_run_decode(packed, H, scores, (0, 0, 0), 1, G, query, cos, sin), packed)
+    scores = torch.empty(B, H, G, packed.n_coded, dtype=torch.float32) if out is None else out
+    rs = _row_stride(scores)
+    if scores.shape != (B, H, G, packed.n_coded) or rs is None:
+        raise ValueError(f"key_scores: out must be a ({B}, {H}, {G}, {packed.n_coded}) float32 CPU view with evenly "
+                         f"spaced contiguous rows, got {tuple(scores.shape)} with strides {scores.stride()}")
+    _run_or_raise(_run_decode(packed, H, scores, (0, 0, rs), 1, G, query, cos, sin), packed)
     return scores
 
 
@@ -258,10 +272,11 @@ def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor:
     s_n, atoms, N = packed.layout.groups // H, packed.atoms, packed.offline.shape[0]
     slots = -(-max(G, 4) // 4) * 4  # an atom's G weights padded to whole 4-float vectors (one update a pair)
     a = torch.zeros(parts, B, H, s_n, atoms, slots)
-    weights = weights.float().contiguous()
+    if _row_stride(weights) is None:  # read in place where the rows are evenly spaced (the coded slots' weights)
+        weights = weights.float().contiguous()
     head, refinement, _held = packed._arguments()
-    _run_or_raise(_library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _ptr(a), slots, parts,
-                                             threads), packed)
+    _run_or_raise(_library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _row_stride(weights),
+                                             _ptr(a), slots, parts, threads), packed)
     a = (a.sum(0) if parts > 1 else a[0])[..., :G].transpose(-1, -2)  # (B, H, s_n, G, atoms)
     out = a[..., :N] @ packed.offline.float()
     if atoms > N:  # each row's own extra atoms

@@ -55,7 +55,7 @@ def test_code_domain_values_match_the_dense_path_on_smollm2(smollm2, smollm2_kme
     if native.find_compiler() is not None:  # where the CPU kernel builds, decode steps score the keys from codes
         for name in ("key_scores", "weighted_values"):
             original = getattr(native, name)
-            monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name: kernel_calls.append(_n) or _f(*a))
+            monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name, **k: kernel_calls.append(_n) or _f(*a, **k))
     ids = torch.randint(0, 49152, (1, 72), generator=torch.Generator().manual_seed(0))
     make = lambda: CSRCache(lm, smollm2_kmeans_dictionary, sparsity=4, window=8)  # values: s_n = 2 chunks
     dense, codes = dense_and_codes(lm, ids, make, prefill=48)

@@ -85,6 +85,16 @@ def test_scores_and_weighted_values_from_codes_equal_the_decoded_products(layout
         weights = torch.rand(B, H, 3, n, generator=g)
         torch.testing.assert_close(native.weighted_values(layer._packed("values"), weights), weights @ values,
                                    atol=1e-4, rtol=1e-4)
+        # written into / read from the coded slots of a whole score row (evenly spaced rows, no copies)
+        whole = torch.full((B, H, 3, n + 7), -1.0)
+        native.key_scores(layer._packed("keys"), query, *layer._kernel_cos_sin(), out=whole[..., 2 : 2 + n])
+        torch.testing.assert_close(whole[..., 2 : 2 + n], scores, atol=0, rtol=0)
+        assert (whole[..., :2] == -1).all() and (whole[..., 2 + n :] == -1).all()  # nothing outside the slots
+        whole[..., 2 : 2 + n] = weights
+        torch.testing.assert_close(native.weighted_values(layer._packed("values"), whole[..., 2 : 2 + n]),
+                                   weights @ values, atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="evenly spaced"):
+            native.key_scores(layer._packed("keys"), query, *layer._kernel_cos_sin(), out=whole.transpose(2, 3)[..., :n])
         layer.step_memo.clear()
 
 
