@@ -56,10 +56,11 @@ class CodedKeys:
     def scores(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query (B, H, G, T, d), the G query heads of each KV head → (B, H, G, T, S) scaled scores, float32. The
         kernel writes the coded keys' scores straight into their slots (no concatenation: at 69 rows × 8k a layer's
-        scores are 20 MB)."""
+        scores are 20 MB). Without autograd the tensor is a per-thread workspace (`native.workspace`): valid until
+        the next call in this thread (the attention turns it into weights at once)."""
         B, H, G, T, d = query.shape
         S0, n = self.front.shape[2], self.packed.n_coded
-        out = torch.empty(B, H, G, T, S0 + n + self.back.shape[2], dtype=torch.float32)
+        out = native.workspace("key_scores", (B, H, G, T, S0 + n + self.back.shape[2]))  # dead after the softmax
         exact = lambda keys: (query @ keys[:, :, None].transpose(-1, -2).to(query.dtype)) * scaling
         out[..., :S0] = exact(self.front)
         out[..., S0 + n :] = exact(self.back)

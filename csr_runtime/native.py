@@ -28,6 +28,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,8 @@ from csr_core.code_layout import CodeLayout
 from csr_core.paths import cache_root
 from csr_runtime.code_packing import e3m1_levels, e3m1_values
 
-__all__ = ["PackedCodes", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_direct", "mp_gram", "weighted_values"]
+__all__ = ["PackedCodes", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_direct", "mp_gram", "weighted_values",
+           "workspace"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -235,6 +237,22 @@ def _run_or_raise(status: int, packed: PackedCodes) -> None:
         raise ValueError("a head of over 1024 channels or a code of over 1024 pairs: more than the CPU kernels hold")
 
 
+_workspace = threading.local()
+
+
+def workspace(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 CPU buffer of `shape` kept per thread and name for the next call of the same shape: for temporaries
+    never handed back to a caller (at 69 rows × 8k a layer's scores are 20 MB, and freshly allocated memory costs a
+    page fault per 4 KB on every call). Uninitialised; a fresh tensor while autograd records (it may keep it)."""
+    if torch.is_grad_enabled():
+        return torch.empty(shape, dtype=torch.float32)
+    held = getattr(_workspace, name, None)
+    if held is None or held.shape != torch.Size(shape):
+        held = torch.empty(shape, dtype=torch.float32)
+        setattr(_workspace, name, held)
+    return held
+
+
 def _row_stride(t: torch.Tensor) -> int | None:
     """The stride from one row to the next of a (B, H, R, n) float32 tensor whose rows are evenly spaced with
     contiguous elements (e.g. a slice of the last dim of a contiguous tensor); None otherwise."""
@@ -271,7 +289,7 @@ def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor:
     parts = max(1, min(threads // B, n // 256))  # rows in parallel; a row's tokens split where rows are fewer
     s_n, atoms, N = packed.layout.groups // H, packed.atoms, packed.offline.shape[0]
     slots = -(-max(G, 4) // 4) * 4  # an atom's G weights padded to whole 4-float vectors (one update a pair)
-    a = torch.zeros(parts, B, H, s_n, atoms, slots)
+    a = workspace("value_weights", (parts, B, H, s_n, atoms, slots)).zero_()
     if _row_stride(weights) is None:  # read in place where the rows are evenly spaced (the coded slots' weights)
         weights = weights.float().contiguous()
     head, refinement, _held = packed._arguments()

@@ -197,3 +197,11 @@ def test_attention_kernels_refuse_codes_they_cannot_read(monkeypatch):
     with pytest.raises(ValueError, match="e3m1 only"):
         from csr_runtime.code_packing import CoefficientRounding
         native.mp_gram(torch.zeros(2, 10), torch.eye(10), 2, CoefficientRounding("fp8", 1.0))
+
+
+def test_a_workspace_is_reused_per_name_and_shape_only_without_autograd():
+    with torch.no_grad():
+        first = native.workspace("test", (2, 3))
+        assert native.workspace("test", (2, 3)) is first  # the next call of the same shape gets the same memory
+        assert native.workspace("test", (3, 2)) is not first and native.workspace("other", (3, 2)) is not first
+    assert native.workspace("test", (3, 2)) is not native.workspace("test", (3, 2))  # autograd may keep a tensor
