@@ -390,20 +390,36 @@ typedef float v16 __attribute__((vector_size(64)));
 typedef int32_t vi16 __attribute__((vector_size(64)));
 static inline v16 load16(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
 
-/* One block of 16 scores at row + j: row -= c * g there (when g is given), then each lane keeps its largest |row|
-   and the first index it was met at (strict >: the first of equals stays). */
+/* Scores j..j+15 of a row: each lane keeps its largest |score| and the first index it was met at (strict >: the
+   first of equals stays). */
+static inline __attribute__((always_inline)) void keep_largest(v16 score, int64_t j, v16 *best_abs, vi16 *best_index) {
+    const vi16 abs_mask = (vi16){0} + 0x7fffffff, lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16 a = (v16)((vi16)score & abs_mask);
+    const vi16 greater = a > *best_abs;
+    *best_abs = (v16)((greater & (vi16)a) | (~greater & (vi16)*best_abs));
+    *best_index = (greater & (lanes + (int32_t)j)) | (~greater & *best_index);
+}
+
+/* The first index of the largest |score| over `sets` sets of lanes kept by keep_largest; that |score| in *top. */
+static inline int64_t first_of_largest(const v16 *best_abs, const vi16 *best_index, int sets, float *top) {
+    int64_t at = 0;
+    *top = -1.0f;
+    for (int set = 0; set < sets; set++)
+        for (int i = 0; i < 16; i++)
+            if (best_abs[set][i] > *top || (best_abs[set][i] == *top && best_index[set][i] < at))
+                *top = best_abs[set][i], at = best_index[set][i];
+    return at;
+}
+
+/* One block of 16 scores at row + j: row -= c * g there (when g is given), then keep_largest. */
 static inline __attribute__((always_inline)) void update_block(float *row, const float *g, v16 cv, int64_t j,
                                                                v16 *best_abs, vi16 *best_index) {
-    const vi16 abs_mask = (vi16){0} + 0x7fffffff, lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     v16 v = load16(row + j);
     if (g) {
         v -= cv * load16(g + j);
         memcpy(row + j, &v, sizeof v);
     }
-    const v16 a = (v16)((vi16)v & abs_mask);
-    const vi16 greater = a > *best_abs;
-    *best_abs = (v16)((greater & (vi16)a) | (~greater & (vi16)*best_abs));
-    *best_index = (greater & (lanes + (int32_t)j)) | (~greater & *best_index);
+    keep_largest(v, j, best_abs, best_index);
 }
 
 /* row -= c * g (when g is given), then the first j of largest |row[j]|: one pass in 16-float lanes (one AVX-512
@@ -418,12 +434,8 @@ static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, f
         update_block(row, g, cv, j, &best_abs[0], &best_index[0]);
         update_block(row, g, cv, j + 16, &best_abs[1], &best_index[1]);
     }
-    float top = -1.0f;
-    int64_t at = 0;
-    for (int set = 0; set < 2; set++)
-        for (int i = 0; i < 16; i++)
-            if (best_abs[set][i] > top || (best_abs[set][i] == top && best_index[set][i] < at))
-                top = best_abs[set][i], at = best_index[set][i];
+    float top;
+    int64_t at = first_of_largest(best_abs, best_index, 2, &top);
     for (; j < N; j++) {
         if (g) row[j] -= c * g[j];
         const float a = row[j] < 0 ? -row[j] : row[j];
@@ -463,14 +475,13 @@ void csr_mp_gram(float *scores, int64_t n, int64_t N, const float *gram, int64_t
 /* Matching pursuit of a few rows without the Gram matrix (a decode step's new tokens: too few to pay for it): per
    atom, every score of the residual, <R, d_j> = sum_k R[k] atoms_t[k, j] summed in k order, 16 atoms a register
    and MP_ROWS rows a sweep, so each load of the atoms (N d floats, column-major, in L2) serves MP_ROWS rows; the
-   first j of largest |score| as in update_block. x (n, d) -> idx, coef (n, s); rounding as csr_mp_gram. */
+   first j of largest |score| as in update_and_argmax. x (n, d) -> idx, coef (n, s); rounding as csr_mp_gram. */
 enum { MP_ROWS = 4 };
 
 void csr_mp_direct(const float *x, int64_t n, int64_t d, const float *atoms_t, int64_t N, int64_t s, int64_t *idx,
                    float *coef, const float *levels, const float *midpoints, int64_t n_levels, float scale,
                    int64_t threads) {
     if (d > MAX_DIM) return;
-    const vi16 abs_mask = (vi16){0} + 0x7fffffff, lanes = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const int64_t sweeps = (n + MP_ROWS - 1) / MP_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t sweep = 0; sweep < sweeps; sweep++) {
@@ -490,19 +501,11 @@ void csr_mp_direct(const float *x, int64_t n, int64_t d, const float *atoms_t, i
                     const v16 atom_k = load16(atoms_t + k * N + j);
                     for (int r = 0; r < MP_ROWS; r++) score[r] += residual[r][k] * atom_k;
                 }
-                for (int r = 0; r < MP_ROWS; r++) {
-                    const v16 m = (v16)((vi16)score[r] & abs_mask);
-                    const vi16 greater = m > best_abs[r];
-                    best_abs[r] = (v16)((greater & (vi16)m) | (~greater & (vi16)best_abs[r]));
-                    best_index[r] = (greater & (lanes + (int32_t)j)) | (~greater & best_index[r]);
-                }
+                for (int r = 0; r < MP_ROWS; r++) keep_largest(score[r], j, &best_abs[r], &best_index[r]);
             }
             for (int64_t r = 0; r < rows; r++) {
-                float top = -1.0f;
-                int64_t at = 0;
-                for (int i = 0; i < 16; i++)
-                    if (best_abs[r][i] > top || (best_abs[r][i] == top && best_index[r][i] < at))
-                        top = best_abs[r][i], at = best_index[r][i];
+                float top;
+                int64_t at = first_of_largest(&best_abs[r], &best_index[r], 1, &top);
                 for (int64_t t = j; t < N; t++) { /* atoms past the last full register */
                     float score = 0.0f;
                     for (int64_t k = 0; k < d; k++) score += residual[r][k] * atoms_t[k * N + t];

@@ -290,11 +290,12 @@ def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor:
     s_n, atoms, N = packed.layout.groups // H, packed.atoms, packed.offline.shape[0]
     slots = -(-max(G, 4) // 4) * 4  # an atom's G weights padded to whole 4-float vectors (one update a pair)
     a = workspace("value_weights", (parts, B, H, s_n, atoms, slots)).zero_()
-    if _row_stride(weights) is None:  # read in place where the rows are evenly spaced (the coded slots' weights)
-        weights = weights.float().contiguous()
+    row_stride = _row_stride(weights)  # read in place where the rows are evenly spaced (the coded slots' weights)
+    if row_stride is None:
+        weights, row_stride = weights.float().contiguous(), n
     head, refinement, _held = packed._arguments()
-    _run_or_raise(_library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), _row_stride(weights),
-                                             _ptr(a), slots, parts, threads), packed)
+    _run_or_raise(_library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), row_stride, _ptr(a),
+                                             slots, parts, threads), packed)
     a = (a.sum(0) if parts > 1 else a[0])[..., :G].transpose(-1, -2)  # (B, H, s_n, G, atoms)
     out = a[..., :N] @ packed.offline.float()
     if atoms > N:  # each row's own extra atoms

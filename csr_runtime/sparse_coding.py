@@ -86,8 +86,7 @@ def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str, q
     return s > 1 and x.shape[0] * (s - 1) > N and 256 <= N <= 4096 and _kernel_applies(x, dictionary, s, method, quantize)
 
 
-def _mp_direct_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: Quantizer | None,
-                     atoms_t: torch.Tensor):
+def _mp_direct_batch(x: torch.Tensor, atoms_t: torch.Tensor, s: int, quantize: Quantizer | None):
     """Matching pursuit as `_mp_batch` in one call of the CPU kernel (`native.mp_direct`), which computes each
     residual's scores itself: for calls too small for the Gram matrix — a decode step's 24 new keys cost ~60 tensor
     operations on the torch path, bound by their count rather than by arithmetic. The same choices as `_mp_batch`
@@ -198,7 +197,7 @@ def sparse_encode(
         kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram, buffer)
     elif _kernel_applies(x, dictionary, s, method, quantize):
         atoms_t = _memoized(memo, "atoms_t", dictionary, lambda D: D.T.contiguous())
-        kernel = lambda chunk, D, s, quantize: _mp_direct_batch(chunk, D, s, quantize, atoms_t)
+        kernel = lambda chunk, D, s, quantize: _mp_direct_batch(chunk, atoms_t, s, quantize)
     if x.shape[0] <= chunk_size:
         return kernel(x, dictionary, s, quantize)
     parts = [kernel(chunk, dictionary, s, quantize) for chunk in x.split(chunk_size)]
