@@ -23,7 +23,8 @@
 #include <string.h>
 
 enum { FMT_FP16 = 0, FMT_FP8 = 1, FMT_INT8 = 2, FMT_E3M1 = 3 };
-enum { MAX_DIM = 1024, MAX_FIELDS = 1024 }; /* head_dim and pairs per code the stack buffers hold */
+enum { MAX_DIM = 1024, MAX_FIELDS = 1024, MAX_CODE_BYTES = 6 * MAX_FIELDS }; /* what the stack buffers hold: head_dim,
+                                                                          pairs and bytes per code */
 
 typedef struct {
     int64_t groups, k, index_bits, index_bytes, nbytes, fmt;
@@ -47,29 +48,31 @@ static float half_to_float(uint16_t h) {
     return f;
 }
 
-/* `width` bits (<= 16) starting at bit `pos` of a little-endian stream that has `len` readable bytes from p:
-   one 8-byte load where the stream allows it */
-static inline uint32_t read_field(const uint8_t *p, int64_t len, int64_t pos, int64_t width) {
-    const int64_t byte = pos >> 3;
-    uint64_t word = 0;
-    if (byte + 8 <= len) {
-        memcpy(&word, p + byte, 8);
-    } else {
-        for (int64_t i = 0; byte + i < len && i < 3; i++) word |= (uint64_t)p[byte + i] << (8 * i);
-    }
+/* `width` bits (<= 16) starting at bit `pos` of a little-endian stream readable 8 bytes past every field */
+static inline uint32_t read_field(const uint8_t *p, int64_t pos, int64_t width) {
+    uint64_t word;
+    memcpy(&word, p + (pos >> 3), 8);
     return (uint32_t)(word >> (pos & 7)) & ((1u << width) - 1);
 }
 
 /* Every (index, coefficient) pair of one code: idx[f], coef[f] for f < groups * k, in stream order.
-   `len`: bytes readable from `code` (to the end of the codes, so most reads take one load). */
-static inline void unpack_code(const uint8_t *code, int64_t len, const layout_t *L, const float *lut, float scale,
-                               int64_t *idx, float *coef) {
-    const int64_t F = L->groups * L->k;
-    for (int64_t f = 0; f < F; f++) idx[f] = read_field(code, len, f * L->index_bits, L->index_bits);
+   `len`: bytes readable from `code` (to the end of the codes); the last codes, with fewer than 8 bytes after
+   them, are read from a zero-padded copy, so every field is one unchecked 8-byte load. */
+static inline __attribute__((always_inline)) void unpack_code(const uint8_t *code, int64_t len, const layout_t *L,
+                                                              const float *lut, float scale, int64_t *idx,
+                                                              float *coef) {
+    const int64_t F = L->groups * L->k, bits = L->index_bits;
+    uint8_t padded[MAX_CODE_BYTES + 8];
+    if (len < L->nbytes + 8) {
+        memset(padded, 0, L->nbytes + 8);
+        memcpy(padded, code, L->nbytes);
+        code = padded;
+    }
+    for (int64_t f = 0; f < F; f++) idx[f] = read_field(code, f * bits, bits);
     const uint8_t *c = code + L->index_bytes;
     switch (L->fmt) {
     case FMT_E3M1:
-        for (int64_t f = 0; f < F; f++) coef[f] = lut[read_field(code, len, F * L->index_bits + 5 * f, 5)] * scale;
+        for (int64_t f = 0; f < F; f++) coef[f] = lut[read_field(code, F * bits + 5 * f, 5)] * scale;
         break;
     case FMT_FP8:
         for (int64_t f = 0; f < F; f++) coef[f] = lut[c[f]] * scale;
@@ -188,22 +191,30 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
 }
 
 /* OP_SCORE for head vectors of one chunk (s_n = 1) and d = 8 * V: the same arithmetic as decode_block, held in V
-   vector registers of 8 floats (GCC/clang vector extensions), the key never leaving them. */
+   vector registers of 8 floats (GCC/clang vector extensions), the key never leaving them. Unlike decode_block it
+   fuses multiply-adds where the CPU has FMA and sums each dot product as a tree of horizontal adds, four query heads
+   at a time: the scores differ from the torch path's q·k in the last bits (float32 tolerance in the tests), and
+   the kernel runs ~10 % faster than with separate roundings. */
 typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
-static inline __attribute__((always_inline)) int add_atoms_v8(v8 *acc, const int64_t *idx, const float *coef,
-                                                                         int64_t k, const float *offline, int64_t n_offline,
-                                                                         const float *row_extra, int64_t slots, const int V) {
-    for (int64_t a = 0; a < k; a++) {
-        const float *atom = row_atom(idx[a], offline, n_offline, row_extra, slots, 8 * V);
-        if (!atom) return 1;
-        const v8 c = {coef[a], coef[a], coef[a], coef[a], coef[a], coef[a], coef[a], coef[a]};
-        for (int j = 0; j < V; j++) acc[j] += c * load8(atom + 8 * j);
-    }
-    return 0;
+#if defined(__AVX__)
+#include <immintrin.h>
+/* {sum a, sum b, sum c, sum d} */
+static inline v4 sum8x4(v8 a, v8 b, v8 c, v8 d) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a, (__m256)b), _mm256_hadd_ps((__m256)c, (__m256)d));
+    return (v4)_mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
+#else
+static inline float sum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline v4 sum8x4(v8 a, v8 b, v8 c, v8 d) { return (v4){sum8(a), sum8(b), sum8(c), sum8(d)}; }
+#endif
+#if defined(__FMA__)
+#define MADD(a, b, c) ((v8)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c))) /* a * b + c, one rounding */
+#else
+#define MADD(a, b, c) ((a) * (b) + (c))
+#endif
 
 static inline __attribute__((always_inline)) int score_block(const job_t *J, int64_t b, int64_t t0, int64_t t1,
                                                                        const int V) {
@@ -216,7 +227,10 @@ static inline __attribute__((always_inline)) int score_block(const job_t *J, int
     int64_t refined = row_mask ? popcount_prefix(row_mask, t0 * groups) : 0;
     int64_t idx[MAX_FIELDS], ridx[MAX_FIELDS];
     float coef[MAX_FIELDS], rcoef[MAX_FIELDS];
-    int status = 0;
+    const float *atom[2 * MAX_FIELDS]; /* a head's atoms and coefficients (its refinement's after its own), all
+                                          looked up before the sum: so the accumulators stay in registers */
+    float c[2 * MAX_FIELDS];
+    const int64_t rs = J->so_t ? J->so_t : J->n; /* floats from one query head's scores to the next */
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
         unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
@@ -224,18 +238,31 @@ static inline __attribute__((always_inline)) int score_block(const job_t *J, int
         const float *cs = J->cos ? J->cos + b * J->cos_row + t * rw : 0;
         const float *sn = J->sin ? J->sin + b * J->cos_row + t * rw : 0;
         for (int64_t h = 0; h < groups; h++) {
-            v8 acc[V];
-            for (int j = 0; j < V; j++) acc[j] = J->center ? load8(J->center + h * d + 8 * j) : (v8){0};
-            status |= add_atoms_v8(acc, idx + h * k, coef + h * k, k, J->offline, J->n_offline, row_extra, J->slots, V);
+            int64_t m = 0;
+            for (int64_t a = 0; a < k; a++, m++) {
+                atom[m] = row_atom(idx[h * k + a], J->offline, J->n_offline, row_extra, J->slots, d);
+                c[m] = coef[h * k + a];
+            }
             const int64_t v = t * groups + h;
             if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) {
-                if (refined >= J->R) return status | 2;
+                if (refined >= J->R) return 2;
                 const uint8_t *rcode = J->rcodes + (b * J->R + refined++) * J->RL.nbytes;
                 unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
-                status |= add_atoms_v8(acc, ridx, rcoef, rk, J->offline, J->n_offline, row_extra, J->slots, V);
+                for (int64_t a = 0; a < rk; a++, m++) {
+                    atom[m] = row_atom(ridx[a], J->offline, J->n_offline, row_extra, J->slots, d);
+                    c[m] = rcoef[a];
+                }
+            }
+            for (int64_t a = 0; a < m; a++)
+                if (!atom[a]) return 1;
+            v8 acc[V];
+            for (int j = 0; j < V; j++) acc[j] = J->center ? load8(J->center + h * d + 8 * j) : (v8){0};
+            for (int64_t a = 0; a < m; a++) {
+                const v8 ca = (v8){0} + c[a];
+                for (int j = 0; j < V; j++) acc[j] = MADD(ca, load8(atom[a] + 8 * j), acc[j]);
             }
             v8 rot[V];
-            if (cs) { /* x[j] cos - x[j + d/2] sin | x[j + d/2] cos' + x[j] sin' (cos' = cos where rw = d/2) */
+            if (cs) {
                 const int H2 = V / 2;
                 const float *cs2 = rw == d ? cs + d / 2 : cs, *sn2 = rw == d ? sn + d / 2 : sn;
                 for (int j = 0; j < H2; j++) {
@@ -246,16 +273,21 @@ static inline __attribute__((always_inline)) int score_block(const job_t *J, int
                 for (int j = 0; j < V; j++) rot[j] = acc[j];
             }
             const float *q = J->query + (b * groups + h) * G * d;
-            const int64_t rs = J->so_t ? J->so_t : J->n; /* floats from one query head's scores to the next */
             float *score = J->out + (b * groups + h) * G * rs + t;
-            for (int64_t g = 0; g < G; g++) {
-                v8 sum = rot[0] * load8(q + g * d);
-                for (int j = 1; j < V; j++) sum += rot[j] * load8(q + g * d + 8 * j);
-                score[g * rs] = sum8(sum);
+            for (int64_t g0 = 0; g0 < G; g0 += 4) {
+                v8 sum[4];
+                for (int e = 0; e < 4; e++) {
+                    if (g0 + e >= G) { sum[e] = (v8){0}; continue; }
+                    const float *qe = q + (g0 + e) * d;
+                    sum[e] = rot[0] * load8(qe);
+                    for (int j = 1; j < V; j++) sum[e] = MADD(rot[j], load8(qe + 8 * j), sum[e]);
+                }
+                const v4 s4 = sum8x4(sum[0], sum[1], sum[2], sum[3]);
+                for (int e = 0; e < 4 && g0 + e < G; e++) score[(g0 + e) * rs] = s4[e];
             }
         }
     }
-    return status;
+    return 0;
 }
 
 /* OP_DECODE writes every decoded vector into out; OP_SCORE writes each one's dot products with the G query
@@ -270,7 +302,9 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
                const float *sin, int64_t rope_width, int64_t cos_row, float *out, int64_t so_b, int64_t so_h, int64_t so_t,
                int64_t op, int64_t G, const float *query, int64_t threads, int64_t block) {
     const int64_t s_n = groups / H;
-    if (s_n * w > MAX_DIM || groups * k > MAX_FIELDS || rk > MAX_FIELDS) return 1;
+    if (s_n * w > MAX_DIM || groups * k > MAX_FIELDS || rk > MAX_FIELDS || nbytes > MAX_CODE_BYTES ||
+        r_nbytes > MAX_CODE_BYTES)
+        return 1;
     const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, n_offline, slots, so_b, so_h, so_t, block,
                      rope_width, cos_row, op, G, {groups, k, index_bits, index_bytes, nbytes, fmt},
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, offline, extra, center,
@@ -300,7 +334,6 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
    slots, so a pair touches one cache line. With Gs = 4 (G <= 4: SmolLM2's 3, Llama 3's 4) a pair is one 4-float
    vector update instead of G scalar ones (a third of the instructions; the same roundings: unused slots add 0).
    a: this job's (H, s_n, atoms, Gs) accumulator. */
-typedef float v4 __attribute__((vector_size(16)));
 
 static inline __attribute__((always_inline)) void add_pair(float *slot, const float *w, v4 wv, float cf, int64_t G,
                                                            const int four) {
@@ -364,7 +397,9 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
                       int64_t atoms, const uint8_t *mask, int64_t mask_bytes, const uint8_t *rcodes, int64_t R,
                       int64_t rk, int64_t r_index_bytes, int64_t r_nbytes, int64_t H, int64_t G,
                       const float *weights, int64_t weight_stride, float *a, int64_t Gs, int64_t P, int64_t threads) {
-    if (groups * k > MAX_FIELDS || rk > MAX_FIELDS || Gs > MAX_FIELDS || Gs < G || Gs < 4) return 1;
+    if (groups * k > MAX_FIELDS || rk > MAX_FIELDS || nbytes > MAX_CODE_BYTES || r_nbytes > MAX_CODE_BYTES ||
+        Gs > MAX_FIELDS || Gs < G || Gs < 4)
+        return 1;
     const job_t J = {codes, mask, rcodes, B, n, mask_bytes, R, H, 0, 0, 0, 0, weight_stride, 0, 0, 0, 0, G,
                      {groups, k, index_bits, index_bytes, nbytes, fmt},
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, 0, 0, 0, 0, 0, 0, 0};
