@@ -212,8 +212,10 @@ static inline v4 sum8x4(v8 a, v8 b, v8 c, v8 d) { return (v4){sum8(a), sum8(b), 
 #endif
 #if defined(__FMA__)
 #define MADD(a, b, c) ((v8)_mm256_fmadd_ps((__m256)(a), (__m256)(b), (__m256)(c))) /* a * b + c, one rounding */
+#define MADD4(a, b, c) ((v4)_mm_fmadd_ps((__m128)(a), _mm_set1_ps(b), (__m128)(c)))
 #else
 #define MADD(a, b, c) ((a) * (b) + (c))
+#define MADD4(a, b, c) ((a) * (b) + (c))
 #endif
 
 static inline __attribute__((always_inline)) int score_block(const job_t *J, int64_t b, int64_t t0, int64_t t1,
@@ -332,7 +334,7 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
 /* Tokens t0..t1 of row b, values as codes: a[h, c, atom, g] += w[b, h, g, t] * coef for every pair of chunk c of
    head h (the refined vectors' extra pairs too); the G query heads' weights of one atom side by side in `Gs` >= G
    slots, so a pair touches one cache line. With Gs = 4 (G <= 4: SmolLM2's 3, Llama 3's 4) a pair is one 4-float
-   vector update instead of G scalar ones (a third of the instructions; the same roundings: unused slots add 0).
+   vector update (a fused multiply-add where the CPU has one) instead of G scalar ones; unused slots add 0.
    a: this job's (H, s_n, atoms, Gs) accumulator. */
 
 static inline __attribute__((always_inline)) void add_pair(float *slot, const float *w, v4 wv, float cf, int64_t G,
@@ -340,7 +342,7 @@ static inline __attribute__((always_inline)) void add_pair(float *slot, const fl
     if (four) {
         v4 cur;
         memcpy(&cur, slot, sizeof cur);
-        cur += wv * cf;
+        cur = MADD4(wv, cf, cur);
         memcpy(slot, &cur, sizeof cur);
     } else {
         for (int64_t g = 0; g < G; g++) slot[g] += w[g] * cf;
@@ -362,7 +364,13 @@ static inline __attribute__((always_inline)) int scatter_block(const job_t *J, c
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
         unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
         for (int64_t h = 0; h < H; h++) {
-            for (int64_t g = 0; g < Gs; g++) w[g] = g < G ? weights[((b * H + h) * G + g) * J->so_t + t] : 0.0f;
+            const float *wt = weights + (b * H + h) * G * J->so_t + t; /* query head g's weight: wt[g * so_t] */
+            if (four) {
+                w[0] = wt[0], w[1] = G > 1 ? wt[J->so_t] : 0.0f, w[2] = G > 2 ? wt[2 * J->so_t] : 0.0f;
+                w[3] = G > 3 ? wt[3 * J->so_t] : 0.0f;
+            } else {
+                for (int64_t g = 0; g < Gs; g++) w[g] = g < G ? wt[g * J->so_t] : 0.0f;
+            }
             const v4 wv = {w[0], w[1], w[2], w[3]};
             for (int64_t c = 0; c < s_n; c++) {
                 const int64_t v = t * groups + h * s_n + c;
