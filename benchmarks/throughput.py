@@ -7,7 +7,11 @@ test split) of the context length, the cache's rows are repeated to the batch (`
 transformers' quantized cache repeats only its residual that way, so its quantized rows are dequantized,
 repeated and quantized again — `repeat_quantized_rows`), then
 greedy decoding runs `--steps` timed steps after one warm-up step. Reports batch, tokens/s summed over the
-batch, ms per step, the ratio to `DynamicCache` in the same run, cache MB and process RSS. Prints a table,
+batch, ms per step, the ratio to `DynamicCache` in the same run, cache MB and process RSS.
+`--rounds R` (R > 1): every method of a context length is prefilled first, then the methods take turns, R rounds
+of `--steps` steps each, so that a machine whose speed drifts slows all of them alike; tokens/s and ms per step
+are the median over rounds, the ratio is the median of the rounds' ratios, and each round's ratio is listed. (Then
+every method's batch is held at once: RSS counts the caches prepared before it too.) Prints a table,
 writes benchmarks/results/throughput.{csv,md} and throughput.png (tokens/s vs context length).
 
     python benchmarks/throughput.py --dictionary runs/llama/neuraldict/version_1/dictionary.safetensors
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -46,6 +51,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gib", type=float, default=1.0, help="KV-cache memory budget")
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096, 8192])
     p.add_argument("--steps", type=int, default=3, help="timed decode steps (after one warm-up step)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="methods take turns in this many rounds of --steps steps (median ratio of the rounds)")
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--methods", nargs="+", default=None, help="only these methods (names as in the table)")
     p.add_argument("--output", default="benchmarks/results/throughput")
@@ -88,7 +95,9 @@ def shared_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def measure(lm, prompt: torch.Tensor, make, *, budget: int, steps: int, max_batch: int) -> dict:
+def prepare(lm, prompt: torch.Tensor, make, *, budget: int, steps: int, max_batch: int) -> dict:
+    """Prefill the prompt, repeat the cache's row to the largest batch that fits the budget after `steps` more
+    tokens, one warm-up step → the method's state for `decode` ("batch" 0 and a note where one row does not fit)."""
     cache = make()
     out = lm(prompt, **with_cache(lm, cache))
     L = prompt.shape[1]
@@ -103,17 +112,30 @@ def measure(lm, prompt: torch.Tensor, make, *, budget: int, steps: int, max_batc
         cache.batch_repeat_interleave(batch)
     token = out.logits[:, -1:].argmax(-1).expand(batch, 1)
     token = lm(token, **with_cache(lm, cache)).logits[:, -1:].argmax(-1)  # warm-up step
+    return {"batch": batch, "cache": cache, "token": token, "shared": shared, "note": "",
+            "rss_MB": psutil.Process().memory_info().rss / MiB}
+
+
+@torch.no_grad()
+def decode(lm, state: dict, steps: int) -> float:
+    """`steps` greedy steps of a prepared batch → seconds."""
+    token, cache = state["token"], state["cache"]
     started = time.perf_counter()
     for _ in range(steps):
         token = lm(token, **with_cache(lm, cache)).logits[:, -1:].argmax(-1)
-    seconds = time.perf_counter() - started
-    return {"batch": batch, "tokens_per_s": batch * steps / seconds, "ms_per_step": 1000 * seconds / steps,
-            "cache_MB": (cache_bytes(cache) + shared) / MiB, "rss_MB": psutil.Process().memory_info().rss / MiB,
-            "note": ""}
+    state["token"] = token
+    return time.perf_counter() - started
+
+
+def release(state: dict) -> None:
+    """Record the cache's size and let it go."""
+    state["cache_MB"] = (cache_bytes(state.pop("cache")) + state["shared"]) / MiB
 
 
 def main(argv=None) -> None:
     args = setup_arg_parser().parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        raise SystemExit(f"--rounds and --steps must be at least 1, got {args.rounds} and {args.steps}")
     torch.manual_seed(0)
     lm, tokenizer = load_model(args.model)
     stream = token_windows(tokenizer, load_corpus("python-docs", "test"), window=max(args.contexts),
@@ -124,16 +146,36 @@ def main(argv=None) -> None:
     budget = int(args.budget_gib * 2**30)
     rows = []
     for context in args.contexts:
-        base = None
+        states = {}
         for name, (make, implementation) in table.items():
             lm.set_attn_implementation(implementation)
-            r = measure(lm, stream[:, :context], make, budget=budget, steps=args.steps, max_batch=args.max_batch)
-            if base is None and r["batch"]:
-                base = r["tokens_per_s"]
-            r = {"context": context, "method": name, **r,
-                 "ratio_vs_dynamic": r["tokens_per_s"] / base if r["batch"] and base else math.nan}
+            state = states[name] = prepare(lm, stream[:, :context], make, budget=budget,
+                                           steps=args.steps * args.rounds, max_batch=args.max_batch)
+            if args.rounds == 1 and state["batch"]:  # one round: each method decodes and lets its memory go in turn
+                state["seconds"] = [decode(lm, state, args.steps)]
+                release(state)
+        for _ in range(args.rounds if args.rounds > 1 else 0):
+            for name, (_, implementation) in table.items():
+                if states[name]["batch"]:
+                    lm.set_attn_implementation(implementation)
+                    states[name].setdefault("seconds", []).append(decode(lm, states[name], args.steps))
+        for state in states.values():
+            if state["batch"] and "cache" in state:
+                release(state)
+        base = next((s for s in states.values() if s["batch"]), None)
+        for name, state in states.items():
+            r = {"context": context, "method": name, "batch": state["batch"], "note": state["note"],
+                 "ratio_vs_dynamic": math.nan}
+            if state["batch"]:
+                rate = lambda st: [st["batch"] * args.steps / t for t in st["seconds"]]  # tokens/s each round
+                ratios = [a / b for a, b in zip(rate(state), rate(base))] if base else [math.nan]
+                r.update(tokens_per_s=statistics.median(rate(state)),
+                         ms_per_step=1000 * statistics.median(state["seconds"]) / args.steps,
+                         ratio_vs_dynamic=statistics.median(ratios), round_ratios=ratios,
+                         cache_MB=state["cache_MB"], rss_MB=state["rss_MB"])
             rows.append(r)
             print({k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        states.clear()
     lm.set_attn_implementation("sdpa")
     write_report(rows, args)
 
@@ -141,21 +183,27 @@ def main(argv=None) -> None:
 def write_report(rows: list[dict], args) -> None:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["context", "method", "batch", "tokens_per_s", "ms_per_step", "ratio_vs_dynamic", "cache_MB", "rss_MB", "note"]
+    fields = ["context", "method", "batch", "tokens_per_s", "ms_per_step", "ratio_vs_dynamic", "round_ratios",
+              "cache_MB", "rss_MB", "note"]
+    listed = lambda ratios: " ".join(f"{x:.2f}" for x in ratios)
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
-        writer.writerows([{k: r.get(k, "") for k in fields} for r in rows])
+        writer.writerows([{k: listed(r[k]) if k == "round_ratios" and k in r else r.get(k, "") for k in fields}
+                          for r in rows])
+    rounds = args.rounds > 1
     lines = [f"Greedy decoding at a {args.budget_gib:g} GiB KV budget: the largest batch whose cache fits, "
-             f"{args.steps} timed steps, fp32, {torch.get_num_threads()} CPU threads.", "",
-             "| context | method | batch | tokens/s | ms/step | × DynamicCache | cache MB | RSS MB |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"{args.steps} timed steps{f' in each of {args.rounds} rounds the methods take in turn (medians)' if rounds else ''}, "
+             f"fp32, {torch.get_num_threads()} CPU threads.", "",
+             f"| context | method | batch | tokens/s | ms/step | × DynamicCache |{' rounds × |' if rounds else ''} cache MB | RSS MB |",
+             f"|---|---|---|---|---|---|{'---|' if rounds else ''}---|---|"]
     for r in rows:
         if not r["batch"]:
-            lines.append(f"| {r['context']} | {r['method']} | 0 | – | – | – | – | – |  ({r['note']})")
+            lines.append(f"| {r['context']} | {r['method']} | 0 | – | – | – |{' – |' if rounds else ''} – | – |  ({r['note']})")
             continue
+        each_round = f" {listed(r['round_ratios'])} |" if rounds else ""
         lines.append(f"| {r['context']} | {r['method']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['ms_per_step']:.0f} | "
-                     f"{r['ratio_vs_dynamic']:.2f} | {r['cache_MB']:.0f} | {r['rss_MB']:.0f} |")
+                     f"{r['ratio_vs_dynamic']:.2f} |{each_round} {r['cache_MB']:.0f} | {r['rss_MB']:.0f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib
