@@ -95,6 +95,11 @@ def test_scores_and_weighted_values_from_codes_equal_the_decoded_products(layout
                                    weights @ values, atol=1e-4, rtol=1e-4)
         with pytest.raises(ValueError, match="evenly spaced"):
             native.key_scores(layer._packed("keys"), query, *layer._kernel_cos_sin(), out=whole.transpose(2, 3)[..., :n])
+        # blocks longer than the kernel's tile of scores write each score straight into its row: the same scores
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(native, "_BLOCK", 100)
+            torch.testing.assert_close(native.key_scores(layer._packed("keys"), query, *layer._kernel_cos_sin()),
+                                       scores, atol=0, rtol=0)
         layer.step_memo.clear()
 
 
