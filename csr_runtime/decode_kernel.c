@@ -55,13 +55,14 @@ static inline uint32_t read_field(const uint8_t *p, int64_t pos, int64_t width) 
     return (uint32_t)(word >> (pos & 7)) & ((1u << width) - 1);
 }
 
-/* Every (index, coefficient) pair of one code: idx[f], coef[f] for f < groups * k, in stream order.
+/* Every (index, coefficient) pair of one code: idx[f], coef[f] for f < F = groups * k, in stream order.
    `len`: bytes readable from `code` (to the end of the codes); the last codes, with fewer than 8 bytes after
-   them, are read from a zero-padded copy, so every field is one unchecked 8-byte load. */
+   them, are read from a zero-padded copy, so every field is one unchecked 8-byte load. F and bits (L's
+   index_bits) are arguments so that a kernel instantiated for one layout passes constants: the loops unroll
+   with every shift known (see LAYOUT_* below). */
 static inline __attribute__((always_inline)) void unpack_code(const uint8_t *code, int64_t len, const layout_t *L,
                                                               const float *lut, float scale, int64_t *idx,
-                                                              float *coef) {
-    const int64_t F = L->groups * L->k, bits = L->index_bits;
+                                                              float *coef, const int64_t F, const int64_t bits) {
     uint8_t padded[MAX_CODE_BYTES + 8];
     if (len < L->nbytes + 8) {
         memset(padded, 0, L->nbytes + 8);
@@ -137,6 +138,17 @@ typedef struct {
                    from one query head's row to the next */
 } job_t;
 
+/* A code layout's sizes as constants for an instantiated kernel (0: read from the job's layouts): fields per code
+   (groups * k), index bits, and the refinement's k. LAYOUT_DEFAULT is the embedded defaults' layout on the default
+   model (SmolLM2: 3 KV heads x 4 atoms, 2048 atoms = 11-bit indices, 4 refinement atoms, e3m1): its kernels
+   unpack codes with every shift known (~11 % faster for the key scores); any other layout takes the loops. */
+typedef struct { int64_t fields, bits, rk; } layout_consts_t;
+static const layout_consts_t LAYOUT_ANY = {0, 0, 0}, LAYOUT_DEFAULT = {12, 11, 4};
+static inline int is_default_layout(const layout_t *L, const layout_t *RL, int64_t R) {
+    return L->fmt == FMT_E3M1 && L->groups * L->k == LAYOUT_DEFAULT.fields && L->index_bits == LAYOUT_DEFAULT.bits &&
+           (R == 0 || (RL->k == LAYOUT_DEFAULT.rk && RL->index_bits == LAYOUT_DEFAULT.bits));
+}
+
 /* Tokens t0..t1 of row b. w and s_n are constants where the caller inlines it for the usual shapes. */
 static inline __attribute__((always_inline)) int decode_block(const job_t *J, int64_t b, int64_t t0, int64_t t1,
                                                               const int64_t w, const int64_t s_n) {
@@ -152,7 +164,7 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
     int status = 0;
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
-        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
+        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef, groups * k, J->L.index_bits);
         for (int64_t h = 0; h < J->H; h++) {
             for (int64_t j = 0; j < d; j++) acc[j] = 0.0f;
             for (int64_t c = 0; c < s_n; c++) {
@@ -162,7 +174,7 @@ static inline __attribute__((always_inline)) int decode_block(const job_t *J, in
                 if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) { /* its extra atoms, summed apart first */
                     if (refined >= J->R) return status | 2;
                     const uint8_t *rcode = J->rcodes + (b * J->R + refined++) * J->RL.nbytes;
-                    unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
+                    unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef, rk, J->RL.index_bits);
                     for (int64_t j = 0; j < w; j++) more[j] = 0.0f;
                     status |= add_atoms(more, ridx, rcoef, rk, J->offline, J->n_offline, row_extra, J->slots, w);
                     for (int64_t j = 0; j < w; j++) acc[c * w + j] += more[j];
@@ -219,8 +231,10 @@ static inline v4 sum8x4(v8 a, v8 b, v8 c, v8 d) { return (v4){sum8(a), sum8(b), 
 #endif
 
 static inline __attribute__((always_inline)) int score_block(const job_t *J, int64_t b, int64_t t0, int64_t t1,
-                                                                       const int V) {
-    const int64_t d = 8 * V, groups = J->L.groups, k = J->L.k, rk = J->RL.k, G = J->G;
+                                                             const int V, const layout_consts_t C) {
+    const int64_t d = 8 * V, groups = J->L.groups, k = J->L.k, rk = C.rk ? C.rk : J->RL.k, G = J->G;
+    const int64_t F = C.fields ? C.fields : groups * k, bits = C.bits ? C.bits : J->L.index_bits,
+                  rbits = C.bits ? C.bits : J->RL.index_bits;
     const float scale = J->row_scale[b];
     const float *row_extra = J->extra ? J->extra + b * J->slots * d : 0;
     const uint8_t *row_mask = J->mask ? J->mask + b * J->mask_bytes : 0;
@@ -238,7 +252,7 @@ static inline __attribute__((always_inline)) int score_block(const job_t *J, int
     float local[TILE * TILE], *tile = groups * G <= TILE && t1 - t0 <= TILE ? local : 0;
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
-        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
+        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef, F, bits);
         const int64_t rw = J->rope_width;
         const float *cs = J->cos ? J->cos + b * J->cos_row + t * rw : 0;
         const float *sn = J->sin ? J->sin + b * J->cos_row + t * rw : 0;
@@ -253,7 +267,7 @@ static inline __attribute__((always_inline)) int score_block(const job_t *J, int
             if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) {
                 if (refined >= J->R) return 2;
                 const uint8_t *rcode = J->rcodes + (b * J->R + refined++) * J->RL.nbytes;
-                unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
+                unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef, rk, rbits);
                 for (int64_t a = 0; a < rk; a++, m++) {
                     atom[m] = row_atom(ridx[a], J->offline, J->n_offline, row_extra, J->slots, d);
                     found &= atom[m] != 0;
@@ -326,9 +340,10 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
     for (int64_t job = 0; job < B * blocks; job++) {
         const int64_t b = job / blocks, t0 = (job % blocks) * block, t1 = t0 + block < n ? t0 + block : n;
         if (op == OP_SCORE && w == 64 && s_n == 1) /* a decode step's keys, d_h = 64 (SmolLM2) */
-            status |= score_block(&J, b, t0, t1, 8);
+            status |= is_default_layout(&J.L, &J.RL, R) ? score_block(&J, b, t0, t1, 8, LAYOUT_DEFAULT)
+                                                        : score_block(&J, b, t0, t1, 8, LAYOUT_ANY);
         else if (op == OP_SCORE && w == 128 && s_n == 1) /* d_h = 128 (Llama 2/3, Qwen) */
-            status |= score_block(&J, b, t0, t1, 16);
+            status |= score_block(&J, b, t0, t1, 16, LAYOUT_ANY);
         else if (w == 64 && s_n == 1) /* keys and values of d_h = 64 (SmolLM2) */
             status |= decode_block(&J, b, t0, t1, 64, 1);
         else if (w == 128 && s_n == 1) /* d_h = 128 (Llama 2/3, Qwen) */
@@ -360,8 +375,10 @@ static inline __attribute__((always_inline)) void add_pair(float *slot, const fl
 
 static inline __attribute__((always_inline)) int scatter_block(const job_t *J, const float *weights, float *a,
                                                                int64_t atoms, int64_t Gs, int64_t b, int64_t t0,
-                                                               int64_t t1, const int four) {
-    const int64_t groups = J->L.groups, k = J->L.k, rk = J->RL.k, H = J->H, G = J->G, s_n = groups / H;
+                                                               int64_t t1, const int four, const layout_consts_t C) {
+    const int64_t groups = J->L.groups, k = J->L.k, rk = C.rk ? C.rk : J->RL.k, H = J->H, G = J->G, s_n = groups / H;
+    const int64_t F = C.fields ? C.fields : groups * k, bits = C.bits ? C.bits : J->L.index_bits,
+                  rbits = C.bits ? C.bits : J->RL.index_bits;
     const float scale = J->row_scale[b];
     const uint8_t *row_mask = J->mask ? J->mask + b * J->mask_bytes : 0;
     const uint8_t *codes_end = J->codes + J->B * J->n * J->L.nbytes;
@@ -371,7 +388,7 @@ static inline __attribute__((always_inline)) int scatter_block(const job_t *J, c
     float coef[MAX_FIELDS], rcoef[MAX_FIELDS], w[MAX_FIELDS];
     for (int64_t t = t0; t < t1; t++) {
         const uint8_t *code = J->codes + (b * J->n + t) * J->L.nbytes;
-        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef);
+        unpack_code(code, codes_end - code, &J->L, J->lut, scale, idx, coef, F, bits);
         for (int64_t h = 0; h < H; h++) {
             const float *wt = weights + (b * H + h) * G * J->so_t + t; /* query head g's weight: wt[g * so_t] */
             if (four) {
@@ -392,7 +409,7 @@ static inline __attribute__((always_inline)) int scatter_block(const job_t *J, c
                 if (row_mask && (row_mask[v >> 3] >> (v & 7)) & 1) {
                     if (refined >= J->R) return 2;
                     const uint8_t *rcode = J->rcodes + (b * J->R + refined++) * J->RL.nbytes;
-                    unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef);
+                    unpack_code(rcode, rcodes_end - rcode, &J->RL, J->lut, scale, ridx, rcoef, rk, rbits);
                     for (int64_t p = 0; p < rk; p++) {
                         if (ridx[p] >= atoms) return 1;
                         add_pair(ac + ridx[p] * Gs, w, wv, rcoef[p], G, four);
@@ -427,8 +444,9 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
         const int64_t p = job / B, b = job % B;
         float *part = a + (p * B + b) * per_row;
         const int64_t t0 = n * p / P, t1 = n * (p + 1) / P;
-        status |= 1 << (Gs == 4 ? scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 1)
-                                : scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 0));
+        status |= 1 << (Gs != 4 ? scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 0, LAYOUT_ANY)
+                        : is_default_layout(&J.L, &J.RL, R) ? scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 1, LAYOUT_DEFAULT)
+                                                            : scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 1, LAYOUT_ANY));
     }
     return status & 4 ? 3 : status & 2 ? 2 : 0;
 }

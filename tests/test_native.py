@@ -104,6 +104,37 @@ def test_scores_and_weighted_values_from_codes_equal_the_decoded_products(layout
 
 
 @needs_compiler
+def test_the_default_layout_instance_scores_and_aggregates_as_the_loops_do(monkeypatch):
+    """The kernels have an instance for the embedded defaults' code layout on SmolLM2 (3 KV heads x 4 atoms, 11-bit
+    indices, 4 refinement atoms, e3m1: `LAYOUT_DEFAULT` in decode_kernel.c) with these sizes as constants: its
+    scores and aggregated values against q·k and Σ w v over the read-back coded slots (the torch path's read-back)."""
+    lm = tiny_llama(n_layers=2, heads=9, kv_heads=3, head_dim=64)
+    rng = np.random.default_rng(3)
+    unit = lambda n: (a := rng.standard_normal((n, 64)).astype(np.float32)) / np.linalg.norm(a, axis=1, keepdims=True)
+    kind = lambda: KindDictionaries(1, 4, [0, 0], [unit(96)], center=rng.standard_normal((2, 3, 64)).astype(np.float32))
+    dictionary = DictionaryFile(model_fingerprint(lm, "tiny"), kind(), kind())
+    cache = _left_padded_cache(lm, dictionary, sparsity=4, refine_fraction=0.3, refine_atoms=4, index_bits=11,
+                               coef_format="e3m1", sink_tokens=2, coding_batch=4)
+    monkeypatch.setenv("CSR_NATIVE", "0")  # the reference: the torch path's read-back
+    reference = [layer.read_back() for layer in cache.layers]
+    monkeypatch.delenv("CSR_NATIVE")
+    g = torch.Generator().manual_seed(5)
+    for layer, (keys, values) in zip(cache.layers, reference):
+        packed = layer._packed("keys")
+        assert (packed.layout.groups * packed.layout.k, packed.layout.index_bits, packed.refine_layout.k) == (12, 11, 4)
+        assert packed.refine_codes is not None and packed.refine_codes.shape[1] > 0  # the refinement path runs
+        start, n = layer._sink_len(), layer.n_coded
+        keys, values = keys[:, :, start : start + n], values[:, :, start : start + n]
+        query = torch.randn(2, 3, 3, 64, generator=g)
+        torch.testing.assert_close(native.key_scores(packed, query, *layer._kernel_cos_sin()),
+                                   query @ keys.transpose(-1, -2), atol=1e-4, rtol=1e-4)
+        weights = torch.rand(2, 3, 3, n, generator=g)
+        torch.testing.assert_close(native.weighted_values(layer._packed("values"), weights), weights @ values,
+                                   atol=1e-4, rtol=1e-4)
+
+
+
+@needs_compiler
 def test_rows_with_the_same_positions_share_one_row_of_cos_sin(monkeypatch):
     lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=64)
     cache = _left_padded_cache(lm, _dictionary(lm, 64), padding=0, window=3, coding_batch=4)
