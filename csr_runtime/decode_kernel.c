@@ -138,14 +138,16 @@ typedef struct {
                    from one query head's row to the next */
 } job_t;
 
-/* A code layout's sizes as constants for an instantiated kernel (0: read from the job's layouts): fields per code
-   (groups * k), index bits, and the refinement's k. LAYOUT_DEFAULT is the embedded defaults' layout on the default
-   model (SmolLM2: 3 KV heads x 4 atoms, 2048 atoms = 11-bit indices, 4 refinement atoms, e3m1): its kernels
-   unpack codes with every shift known (~11 % faster for the key scores); any other layout takes the loops. */
-typedef struct { int64_t fields, bits, rk; } layout_consts_t;
-static const layout_consts_t LAYOUT_ANY = {0, 0, 0}, LAYOUT_DEFAULT = {12, 11, 4};
+/* A code layout's sizes as constants for an instantiated kernel (0: read from the job's layouts): groups (KV heads x
+   chunks) and atoms k per code, index bits, and the refinement's k. LAYOUT_DEFAULT is the embedded defaults' layout
+   on the default model (SmolLM2: 3 KV heads, 4 atoms each, 2048 atoms = 11-bit indices, 4 refinement atoms, e3m1):
+   its kernels unroll every loop over a code's heads and atoms with every shift known (key scores and value weights
+   ~30 % faster); any other layout takes the loops. */
+typedef struct { int64_t groups, k, bits, rk; } layout_consts_t;
+static const layout_consts_t LAYOUT_ANY = {0, 0, 0, 0}, LAYOUT_DEFAULT = {3, 4, 11, 4};
 static inline int is_default_layout(const layout_t *L, const layout_t *RL, int64_t R) {
-    return L->fmt == FMT_E3M1 && L->groups * L->k == LAYOUT_DEFAULT.fields && L->index_bits == LAYOUT_DEFAULT.bits &&
+    return L->fmt == FMT_E3M1 && L->groups == LAYOUT_DEFAULT.groups && L->k == LAYOUT_DEFAULT.k &&
+           L->index_bits == LAYOUT_DEFAULT.bits &&
            (R == 0 || (RL->k == LAYOUT_DEFAULT.rk && RL->index_bits == LAYOUT_DEFAULT.bits));
 }
 
@@ -232,8 +234,9 @@ static inline v4 sum8x4(v8 a, v8 b, v8 c, v8 d) { return (v4){sum8(a), sum8(b), 
 
 static inline __attribute__((always_inline)) int score_block(const job_t *J, int64_t b, int64_t t0, int64_t t1,
                                                              const int V, const layout_consts_t C) {
-    const int64_t d = 8 * V, groups = J->L.groups, k = J->L.k, rk = C.rk ? C.rk : J->RL.k, G = J->G;
-    const int64_t F = C.fields ? C.fields : groups * k, bits = C.bits ? C.bits : J->L.index_bits,
+    const int64_t d = 8 * V, groups = C.groups ? C.groups : J->L.groups, k = C.k ? C.k : J->L.k,
+                  rk = C.rk ? C.rk : J->RL.k, G = J->G;
+    const int64_t F = groups * k, bits = C.bits ? C.bits : J->L.index_bits,
                   rbits = C.bits ? C.bits : J->RL.index_bits;
     const float scale = J->row_scale[b];
     const float *row_extra = J->extra ? J->extra + b * J->slots * d : 0;
@@ -376,8 +379,9 @@ static inline __attribute__((always_inline)) void add_pair(float *slot, const fl
 static inline __attribute__((always_inline)) int scatter_block(const job_t *J, const float *weights, float *a,
                                                                int64_t atoms, int64_t Gs, int64_t b, int64_t t0,
                                                                int64_t t1, const int four, const layout_consts_t C) {
-    const int64_t groups = J->L.groups, k = J->L.k, rk = C.rk ? C.rk : J->RL.k, H = J->H, G = J->G, s_n = groups / H;
-    const int64_t F = C.fields ? C.fields : groups * k, bits = C.bits ? C.bits : J->L.index_bits,
+    const int64_t groups = C.groups ? C.groups : J->L.groups, k = C.k ? C.k : J->L.k, rk = C.rk ? C.rk : J->RL.k,
+                  H = J->H, G = J->G, s_n = groups / H;
+    const int64_t F = groups * k, bits = C.bits ? C.bits : J->L.index_bits,
                   rbits = C.bits ? C.bits : J->RL.index_bits;
     const float scale = J->row_scale[b];
     const uint8_t *row_mask = J->mask ? J->mask + b * J->mask_bytes : 0;

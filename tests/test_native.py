@@ -105,7 +105,7 @@ def test_scores_and_weighted_values_from_codes_equal_the_decoded_products(layout
 
 @needs_compiler
 def test_the_default_layout_instance_scores_and_aggregates_as_the_loops_do(monkeypatch):
-    """The kernels have an instance for the embedded defaults' code layout on SmolLM2 (3 KV heads x 4 atoms, 11-bit
+    """The kernels have an instance for the embedded defaults' code layout on SmolLM2 (3 KV heads, 4 atoms each, 11-bit
     indices, 4 refinement atoms, e3m1: `LAYOUT_DEFAULT` in decode_kernel.c) with these sizes as constants: its
     scores and aggregated values against q·k and Σ w v over the read-back coded slots (the torch path's read-back)."""
     lm = tiny_llama(n_layers=2, heads=9, kv_heads=3, head_dim=64)
@@ -121,7 +121,7 @@ def test_the_default_layout_instance_scores_and_aggregates_as_the_loops_do(monke
     g = torch.Generator().manual_seed(5)
     for layer, (keys, values) in zip(cache.layers, reference):
         packed = layer._packed("keys")
-        assert (packed.layout.groups * packed.layout.k, packed.layout.index_bits, packed.refine_layout.k) == (12, 11, 4)
+        assert (packed.layout.groups, packed.layout.k, packed.layout.index_bits, packed.refine_layout.k) == (3, 4, 11, 4)
         assert packed.refine_codes is not None and packed.refine_codes.shape[1] > 0  # the refinement path runs
         start, n = layer._sink_len(), layer.n_coded
         keys, values = keys[:, :, start : start + n], values[:, :, start : start + n]
