@@ -21,6 +21,9 @@
  */
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 enum { FMT_FP16 = 0, FMT_FP8 = 1, FMT_INT8 = 2, FMT_E3M1 = 3 };
 enum { MAX_DIM = 1024, MAX_FIELDS = 1024, MAX_CODE_BYTES = 6 * MAX_FIELDS }; /* what the stack buffers hold: head_dim,
@@ -214,7 +217,6 @@ typedef float v4 __attribute__((vector_size(16)));
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 
 #if defined(__AVX__)
-#include <immintrin.h>
 /* {sum a, sum b, sum c, sum d} */
 static inline v4 sum8x4(v8 a, v8 b, v8 c, v8 d) {
     const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a, (__m256)b), _mm256_hadd_ps((__m256)c, (__m256)d));
@@ -285,7 +287,7 @@ static inline __attribute__((always_inline)) int score_block(const job_t *J, int
                 for (int j = 0; j < V; j++) acc[j] = MADD(ca, load8(atom[a] + 8 * j), acc[j]);
             }
             v8 rot[V];
-            if (cs) {
+            if (cs) { /* x[j] cos - x[j + d/2] sin | x[j + d/2] cos' + x[j] sin' (cos' = cos where rw = d/2) */
                 const int H2 = V / 2;
                 const float *cs2 = rw == d ? cs + d / 2 : cs, *sn2 = rw == d ? sn + d / 2 : sn;
                 for (int j = 0; j < H2; j++) {
