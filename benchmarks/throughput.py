@@ -165,7 +165,7 @@ def main(argv=None) -> None:
         for state in states.values():
             if state["batch"] and "cache" in state:
                 release(state, budget)
-        base = next((s for s in states.values() if s["batch"]), None)
+        base = next((s for n, s in states.items() if n.startswith("Dynamic") and s["batch"]), None)  # else no ratio
         for name, state in states.items():
             r = {"context": context, "method": name, "batch": state["batch"], "note": state["note"],
                  "ratio_vs_dynamic": math.nan}
