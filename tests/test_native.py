@@ -133,7 +133,6 @@ def test_the_default_layout_instance_scores_and_aggregates_as_the_loops_do(monke
                                    atol=1e-4, rtol=1e-4)
 
 
-
 @needs_compiler
 def test_rows_with_the_same_positions_share_one_row_of_cos_sin(monkeypatch):
     lm = tiny_llama(n_layers=2, kv_heads=2, head_dim=64)
