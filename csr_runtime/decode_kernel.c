@@ -142,16 +142,23 @@ typedef struct {
 } job_t;
 
 /* A code layout's sizes as constants for an instantiated kernel (0: read from the job's layouts): groups (KV heads x
-   chunks) and atoms k per code, index bits, and the refinement's k. LAYOUT_DEFAULT is the embedded defaults' layout
-   on the default model (SmolLM2: 3 KV heads, 4 atoms each, 2048 atoms = 11-bit indices, 4 refinement atoms, e3m1):
-   its kernels unroll every loop over a code's heads and atoms with every shift known (key scores and value weights
-   ~30 % faster); any other layout takes the loops. */
+   chunks) and atoms k per code, index bits, and the refinement's k. The key-score and value kernels have one
+   instance with these as constants, every loop over a code unrolled with its shifts known (~15-30 % faster); any
+   other layout takes the loops. CSR_INSTANCE is set at build time: csr_runtime/native.py builds one library per
+   layout in use (`_library_for`); without it, the embedded defaults' layout on the default model (SmolLM2: 3 KV
+   heads, 4 atoms each, 2048 atoms = 11-bit indices, 4 refinement atoms). Instances are e3m1 layouts only. */
 typedef struct { int64_t groups, k, bits, rk; } layout_consts_t;
-static const layout_consts_t LAYOUT_ANY = {0, 0, 0, 0}, LAYOUT_DEFAULT = {3, 4, 11, 4};
-static inline int is_default_layout(const layout_t *L, const layout_t *RL, int64_t R) {
-    return L->fmt == FMT_E3M1 && L->groups == LAYOUT_DEFAULT.groups && L->k == LAYOUT_DEFAULT.k &&
-           L->index_bits == LAYOUT_DEFAULT.bits &&
-           (R == 0 || (RL->k == LAYOUT_DEFAULT.rk && RL->index_bits == LAYOUT_DEFAULT.bits));
+#ifndef CSR_INSTANCE
+#define CSR_INSTANCE 3, 4, 11, 4
+#endif
+static const layout_consts_t LAYOUT_ANY = {0, 0, 0, 0}, LAYOUT_INSTANCE = {CSR_INSTANCE};
+void csr_instance(int64_t *out) { /* the instance's layout: groups, k, index bits, refinement k */
+    out[0] = LAYOUT_INSTANCE.groups, out[1] = LAYOUT_INSTANCE.k, out[2] = LAYOUT_INSTANCE.bits, out[3] = LAYOUT_INSTANCE.rk;
+}
+static inline int is_instance_layout(const layout_t *L, const layout_t *RL, int64_t R) {
+    return L->fmt == FMT_E3M1 && L->groups == LAYOUT_INSTANCE.groups && L->k == LAYOUT_INSTANCE.k &&
+           L->index_bits == LAYOUT_INSTANCE.bits &&
+           (R == 0 || (RL->k == LAYOUT_INSTANCE.rk && RL->index_bits == LAYOUT_INSTANCE.bits));
 }
 
 /* Tokens t0..t1 of row b. w and s_n are constants where the caller inlines it for the usual shapes. */
@@ -340,15 +347,16 @@ int csr_decode(const uint8_t *codes, int64_t B, int64_t n, int64_t groups, int64
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, offline, extra, center,
                      cos, sin, query, out};
     const int64_t blocks = (n + block - 1) / block;
+    const int instance = is_instance_layout(&J.L, &J.RL, R);
     int status = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
     for (int64_t job = 0; job < B * blocks; job++) {
         const int64_t b = job / blocks, t0 = (job % blocks) * block, t1 = t0 + block < n ? t0 + block : n;
         if (op == OP_SCORE && w == 64 && s_n == 1) /* a decode step's keys, d_h = 64 (SmolLM2) */
-            status |= is_default_layout(&J.L, &J.RL, R) ? score_block(&J, b, t0, t1, 8, LAYOUT_DEFAULT)
-                                                        : score_block(&J, b, t0, t1, 8, LAYOUT_ANY);
+            status |= instance ? score_block(&J, b, t0, t1, 8, LAYOUT_INSTANCE) : score_block(&J, b, t0, t1, 8, LAYOUT_ANY);
         else if (op == OP_SCORE && w == 128 && s_n == 1) /* d_h = 128 (Llama 2/3, Qwen) */
-            status |= score_block(&J, b, t0, t1, 16, LAYOUT_ANY);
+            status |= instance ? score_block(&J, b, t0, t1, 16, LAYOUT_INSTANCE)
+                               : score_block(&J, b, t0, t1, 16, LAYOUT_ANY);
         else if (w == 64 && s_n == 1) /* keys and values of d_h = 64 (SmolLM2) */
             status |= decode_block(&J, b, t0, t1, 64, 1);
         else if (w == 128 && s_n == 1) /* d_h = 128 (Llama 2/3, Qwen) */
@@ -444,6 +452,7 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
                      {groups, k, index_bits, index_bytes, nbytes, fmt},
                      {1, rk, index_bits, r_index_bytes, r_nbytes, fmt}, lut, row_scale, 0, 0, 0, 0, 0, 0, 0};
     const int64_t per_row = H * Gs * (groups / H) * atoms;
+    const int instance = is_instance_layout(&J.L, &J.RL, R);
     int status = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : status)
     for (int64_t job = 0; job < P * B; job++) {
@@ -451,8 +460,8 @@ int csr_value_weights(const uint8_t *codes, int64_t B, int64_t n, int64_t groups
         float *part = a + (p * B + b) * per_row;
         const int64_t t0 = n * p / P, t1 = n * (p + 1) / P;
         status |= 1 << (Gs != 4 ? scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 0, LAYOUT_ANY)
-                        : is_default_layout(&J.L, &J.RL, R) ? scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 1, LAYOUT_DEFAULT)
-                                                            : scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 1, LAYOUT_ANY));
+                        : instance ? scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 1, LAYOUT_INSTANCE)
+                                   : scatter_block(&J, weights, part, atoms, Gs, b, t0, t1, 1, LAYOUT_ANY));
     }
     return status & 4 ? 3 : status & 2 ? 2 : 0;
 }

@@ -48,7 +48,12 @@ _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
 _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-ffp-contract=off"]
 _FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], [])  # macOS' clang has no OpenMP: serial there
 _BLOCK = 64  # tokens a thread decodes at a time
+_OP_DECODE, _OP_SCORE = 0, 1  # csr_decode's ops (decode_kernel.c)
 _library = None  # ctypes.CDLL once built, False when it cannot be
+# The layout the base library's kernel instance is for (CSR_INSTANCE's default in decode_kernel.c: groups, k, index
+# bits, refinement k), and the libraries built for other layouts (`_library_for`), None where that build failed.
+_BASE_INSTANCE = (3, 4, 11, 4)
+_instances: dict[tuple[int, int, int, int], ctypes.CDLL | None] = {}
 
 
 def _cpu_tag() -> str:
@@ -68,15 +73,18 @@ def find_compiler() -> list[str] | None:
     return None if found is None else [found, *chosen[1:]]
 
 
-def _build() -> ctypes.CDLL | None:
+def _build(instance: tuple[int, ...] | None = None) -> ctypes.CDLL | None:
+    """Build (or load the cached build of) the kernel library; `instance`: the layout its kernel instance is for
+    (decode_kernel.c's CSR_INSTANCE), None for the base library's."""
     compiler = find_compiler()
     if compiler is None:
         warnings.warn("csr_runtime: no C compiler found (set $CC): decoding takes the slower torch path", stacklevel=3)
         return None
     source = _SOURCE.read_bytes()
     errors = []
+    defines = [] if instance is None else [f"-DCSR_INSTANCE={','.join(map(str, instance))}"]
     for flags in _FLAG_SETS:
-        command = [*compiler, *_BASE_FLAGS, *flags]
+        command = [*compiler, *_BASE_FLAGS, *flags, *defines]
         tag = hashlib.sha256(source + " ".join([*command, sys.platform, _cpu_tag()]).encode()).hexdigest()[:16]
         target = cache_root() / "native" / f"csr_decode_{tag}.so"
         if not target.exists():
@@ -104,6 +112,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                                       i64, i64, i64, i64, i64, ptr, i64, ptr, i64, i64, i64]
     lib.csr_mp_gram.restype = None
     lib.csr_mp_gram.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
+    lib.csr_instance.restype = None
+    lib.csr_instance.argtypes = [ptr]
     lib.csr_mp_direct.restype = None
     lib.csr_mp_direct.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     return lib
@@ -117,6 +127,30 @@ def available() -> bool:
     if _library is None:
         _library = _build() or False
     return bool(_library)
+
+
+def _library_for(packed: "PackedCodes") -> ctypes.CDLL:
+    """The library whose key-score and value kernels have an instance for these codes' layout: the base library
+    where its instance fits (SmolLM2's default layout) or where the layout gets none — coefficients other than
+    e3m1, dictionaries under 1024 atoms (toy layouts), `CSR_KERNEL_INSTANCES=0`; otherwise one built for the layout
+    on first use (a few seconds, once per machine: the build is cached like the base one), the base library where
+    that build fails. The caller checks `available()`."""
+    layout, refine = packed.layout, packed.refine_layout
+    key = (layout.groups, layout.k, layout.index_bits, refine.k if refine is not None else 0)
+    worth = (layout.coef_format == "e3m1" and layout.index_bits >= 10 and os.environ.get("CSR_KERNEL_INSTANCES") != "0"
+             and (refine is None or refine.index_bits == layout.index_bits))
+    if not worth or key == _BASE_INSTANCE or (refine is None and key[:3] == _BASE_INSTANCE[:3]):
+        return _library
+    if key not in _instances:
+        _instances[key] = _build(key)
+    return _instances[key] or _library
+
+
+def instance_layout(library: ctypes.CDLL) -> tuple[int, int, int, int]:
+    """The layout (groups, k, index bits, refinement k) a library's kernel instance is for."""
+    out = torch.zeros(4, dtype=torch.int64)
+    library.csr_instance(_ptr(out))
+    return tuple(out.tolist())
 
 
 _LUTS: dict = {}
@@ -198,7 +232,8 @@ def _run_decode(packed: PackedCodes, H: int, out: torch.Tensor, strides, op: int
                                                                query))
     head, refinement, _held = packed._arguments()
     slots = 0 if extra is None else extra.shape[1]
-    return _library.csr_decode(
+    library = _library_for(packed) if op == _OP_SCORE else _library  # layout instances serve the key scores only
+    return library.csr_decode(
         *head, _ptr(offline), offline.shape[0], _ptr(extra), slots, offline.shape[1], *refinement, H, _ptr(center),
         _ptr(cos), _ptr(sin), 0 if cos is None else cos.shape[-1],
         0 if cos is None or cos.shape[0] == 1 else cos.shape[1] * cos.shape[2], _ptr(out), *strides, op, G, _ptr(query),
@@ -216,7 +251,8 @@ def decode_into(out: torch.Tensor, packed: PackedCodes, cos: torch.Tensor | None
         return False
     if packed.codes.shape[:2] != (B, n):
         raise ValueError(f"codes of shape {tuple(packed.codes.shape)} do not match {B} rows of {n} codes")
-    status = _run_decode(packed, H, out, (out.stride(0), out.stride(1), out.stride(2)), 0, 0, None, cos, sin)
+    status = _run_decode(packed, H, out, (out.stride(0), out.stride(1), out.stride(2)), _OP_DECODE, 0, None, cos,
+                         sin)
     return _check(status, packed)
 
 
@@ -275,7 +311,7 @@ def key_scores(packed: PackedCodes, query: torch.Tensor, cos: torch.Tensor | Non
     if scores.shape != (B, H, G, packed.n_coded) or rs is None:
         raise ValueError(f"key_scores: out must be a ({B}, {H}, {G}, {packed.n_coded}) float32 CPU view with evenly "
                          f"spaced contiguous rows, got {tuple(scores.shape)} with strides {scores.stride()}")
-    _run_or_raise(_run_decode(packed, H, scores, (0, 0, rs), 1, G, query, cos, sin), packed)
+    _run_or_raise(_run_decode(packed, H, scores, (0, 0, rs), _OP_SCORE, G, query, cos, sin), packed)
     return scores
 
 
@@ -294,7 +330,7 @@ def weighted_values(packed: PackedCodes, weights: torch.Tensor) -> torch.Tensor:
     if row_stride is None:
         weights, row_stride = weights.float().contiguous(), n
     head, refinement, _held = packed._arguments()
-    _run_or_raise(_library.csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), row_stride, _ptr(a),
+    _run_or_raise(_library_for(packed).csr_value_weights(*head, atoms, *refinement, H, G, _ptr(weights), row_stride, _ptr(a),
                                              slots, parts, threads), packed)
     # (B, H, s_n, G, atoms), contiguous: one BLAS product (on the strided view torch's matmul takes twice as long)
     a = (a.sum(0) if parts > 1 else a[0])[..., :G].transpose(-1, -2).contiguous()

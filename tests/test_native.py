@@ -104,14 +104,17 @@ def test_scores_and_weighted_values_from_codes_equal_the_decoded_products(layout
 
 
 @needs_compiler
-def test_the_default_layout_instance_scores_and_aggregates_as_the_loops_do(monkeypatch):
-    """The kernels have an instance for the embedded defaults' code layout on SmolLM2 (3 KV heads, 4 atoms each, 11-bit
-    indices, 4 refinement atoms, e3m1: `LAYOUT_DEFAULT` in decode_kernel.c) with these sizes as constants: its
-    scores and aggregated values against q·k and Σ w v over the read-back coded slots (the torch path's read-back)."""
-    lm = tiny_llama(n_layers=2, heads=9, kv_heads=3, head_dim=64)
+@pytest.mark.parametrize("kv_heads", [3, 2])  # 3: the base library's instance (SmolLM2); 2: one built for the layout
+def test_the_layouts_kernel_instance_scores_and_aggregates_as_the_loops_do(kv_heads, monkeypatch):
+    """The key-score and value kernels have an instance with a code layout's sizes as constants (decode_kernel.c's
+    CSR_INSTANCE): the base library's is the embedded defaults' layout on SmolLM2 (3 KV heads, 4 atoms each, 11-bit
+    indices, 4 refinement atoms, e3m1), other layouts get a library built for them (`native._library_for`). Its
+    scores and aggregated values against q·k and Σ w v over the torch path's read-back of the coded slots."""
+    lm = tiny_llama(n_layers=2, heads=3 * kv_heads, kv_heads=kv_heads, head_dim=64)
     rng = np.random.default_rng(3)
     unit = lambda n: (a := rng.standard_normal((n, 64)).astype(np.float32)) / np.linalg.norm(a, axis=1, keepdims=True)
-    kind = lambda: KindDictionaries(1, 4, [0, 0], [unit(96)], center=rng.standard_normal((2, 3, 64)).astype(np.float32))
+    kind = lambda: KindDictionaries(1, 4, [0, 0], [unit(96)],
+                                    center=rng.standard_normal((2, kv_heads, 64)).astype(np.float32))
     dictionary = DictionaryFile(model_fingerprint(lm, "tiny"), kind(), kind())
     cache = _left_padded_cache(lm, dictionary, sparsity=4, refine_fraction=0.3, refine_atoms=4, index_bits=11,
                                coef_format="e3m1", sink_tokens=2, coding_batch=4)
@@ -121,16 +124,20 @@ def test_the_default_layout_instance_scores_and_aggregates_as_the_loops_do(monke
     g = torch.Generator().manual_seed(5)
     for layer, (keys, values) in zip(cache.layers, reference):
         packed = layer._packed("keys")
-        assert (packed.layout.groups, packed.layout.k, packed.layout.index_bits, packed.refine_layout.k) == (3, 4, 11, 4)
         assert packed.refine_codes is not None and packed.refine_codes.shape[1] > 0  # the refinement path runs
+        library = native._library_for(packed)
+        assert native.instance_layout(library) == (kv_heads, 4, 11, 4)  # the instance these codes take
+        assert (library is native._library) == (kv_heads == 3)
         start, n = layer._sink_len(), layer.n_coded
         keys, values = keys[:, :, start : start + n], values[:, :, start : start + n]
-        query = torch.randn(2, 3, 3, 64, generator=g)
+        query = torch.randn(2, kv_heads, 3, 64, generator=g)
         torch.testing.assert_close(native.key_scores(packed, query, *layer._kernel_cos_sin()),
                                    query @ keys.transpose(-1, -2), atol=1e-4, rtol=1e-4)
-        weights = torch.rand(2, 3, 3, n, generator=g)
+        weights = torch.rand(2, kv_heads, 3, n, generator=g)
         torch.testing.assert_close(native.weighted_values(layer._packed("values"), weights), weights @ values,
                                    atol=1e-4, rtol=1e-4)
+    monkeypatch.setenv("CSR_KERNEL_INSTANCES", "0")  # no library built for a layout: the base one takes it
+    assert native._library_for(cache.layers[0]._packed("keys")) is native._library
 
 
 @needs_compiler
