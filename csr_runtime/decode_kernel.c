@@ -143,7 +143,7 @@ typedef struct {
 
 /* A code layout's sizes as constants for an instantiated kernel (0: read from the job's layouts): groups (KV heads x
    chunks) and atoms k per code, index bits, and the refinement's k. The key-score and value kernels have one
-   instance with these as constants, every loop over a code unrolled with its shifts known (~15-30 % faster); any
+   instance with these as constants, every loop over a code unrolled with its shifts known (~10-30 % faster); any
    other layout takes the loops. CSR_INSTANCE is set at build time: csr_runtime/native.py builds one library per
    layout in use (`_library_for`); without it, the embedded defaults' layout on the default model (SmolLM2: 3 KV
    heads, 4 atoms each, 2048 atoms = 11-bit indices, 4 refinement atoms). Instances are e3m1 layouts only. */
