@@ -96,8 +96,12 @@ def _build(instance: tuple[int, ...] | None = None) -> ctypes.CDLL | None:
                 continue
             partial.replace(target)
         return _declare(ctypes.CDLL(str(target)))
-    warnings.warn(f"csr_runtime: {compiler[0]} could not build the CPU decode kernel ({errors[-1]}): decoding takes the "
-                  "slower torch path", stacklevel=3)
+    if instance is not None:
+        warnings.warn(f"csr_runtime: {compiler[0]} could not build the kernel instance for code layout {instance} "
+                      f"({errors[-1]}): the base kernels serve it", stacklevel=3)
+    else:
+        warnings.warn(f"csr_runtime: {compiler[0]} could not build the CPU decode kernel ({errors[-1]}): decoding takes "
+                      "the slower torch path", stacklevel=3)
     return None
 
 

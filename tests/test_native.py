@@ -1,9 +1,12 @@
 """The CPU decode kernel (`csr_runtime.native`) against the torch path it replaces."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
+from csr_core.code_layout import CodeLayout
 from csr_core.dictionary_file import DictionaryFile, KindDictionaries
 from csr_core.models import model_fingerprint
 from csr_runtime import native
@@ -138,6 +141,24 @@ def test_the_layouts_kernel_instance_scores_and_aggregates_as_the_loops_do(kv_he
                                    atol=1e-4, rtol=1e-4)
     monkeypatch.setenv("CSR_KERNEL_INSTANCES", "0")  # no library built for a layout: the base one takes it
     assert native._library_for(cache.layers[0]._packed("keys")) is native._library
+
+
+@needs_compiler
+def test_a_layout_whose_instance_cannot_be_built_takes_the_base_kernels(monkeypatch):
+    """Where the build of a layout's instance fails (`_build` returns None after its warning), the base library
+    serves that layout, and the failed build is not retried on every call."""
+    assert native.available()
+    builds = []
+    monkeypatch.setattr(native, "_build", lambda instance=None: builds.append(instance))
+    monkeypatch.setattr(native, "_instances", {})
+    packed = SimpleNamespace(layout=CodeLayout(groups=5, k=4, index_bits=11, coef_format="e3m1"),
+                             refine_layout=CodeLayout(groups=1, k=4, index_bits=11, coef_format="e3m1"))
+    assert native._library_for(packed) is native._library and native._library_for(packed) is native._library
+    assert builds == [(5, 4, 11, 4)]  # asked once
+    toy = SimpleNamespace(layout=CodeLayout(groups=5, k=4, index_bits=7, coef_format="e3m1"), refine_layout=None)
+    fp8 = SimpleNamespace(layout=CodeLayout(groups=5, k=4, index_bits=11, coef_format="fp8"), refine_layout=None)
+    assert native._library_for(toy) is native._library and native._library_for(fp8) is native._library
+    assert builds == [(5, 4, 11, 4)]  # a toy dictionary or another coefficient format gets no instance
 
 
 @needs_compiler
