@@ -13,7 +13,9 @@
   vectors sharing each load of the atoms: a call of 24 vectors took ~60 tensor operations on the torch path.
 
 It is built on first use with the system C compiler (`$CC`, else `cc`) into the cache folder
-(`$CSR_CACHE_DIR/native`, ~1 s) and loaded with ctypes: no build step at install time, no torch headers.
+(`$CSR_CACHE_DIR/native`, ~8 s on a 2-core machine) and loaded with ctypes: no build step at install time, no
+torch headers. Key scores and value weights of a code layout other than the one the base build is specialised for
+come from one more build for that layout (`_library_for`; `CSR_KERNEL_INSTANCES=0` turns that off).
 Where no compiler is found the runtime takes the torch path, with one warning. `CSR_NATIVE=0` turns it off
 (e.g. to compare). CUDA tensors always take the torch path.
 """
@@ -50,9 +52,10 @@ _FLAG_SETS = (["-march=native", "-fopenmp"], ["-fopenmp"], [])  # macOS' clang h
 _BLOCK = 64  # tokens a thread decodes at a time
 _OP_DECODE, _OP_SCORE = 0, 1  # csr_decode's ops (decode_kernel.c)
 _library = None  # ctypes.CDLL once built, False when it cannot be
-# The layout the base library's kernel instance is for (CSR_INSTANCE's default in decode_kernel.c: groups, k, index
-# bits, refinement k), and the libraries built for other layouts (`_library_for`), None where that build failed.
-_BASE_INSTANCE = (3, 4, 11, 4)
+# The layout (groups, k, index bits, refinement k) of the base library's kernel instance (decode_kernel.c's default
+# CSR_INSTANCE, read from the library once), and the libraries built for other layouts (`_library_for`), None where
+# that build failed.
+_base_instance: tuple[int, int, int, int] | None = None
 _instances: dict[tuple[int, int, int, int], ctypes.CDLL | None] = {}
 
 
@@ -139,11 +142,16 @@ def _library_for(packed: "PackedCodes") -> ctypes.CDLL:
     e3m1, dictionaries under 1024 atoms (toy layouts), `CSR_KERNEL_INSTANCES=0`; otherwise one built for the layout
     on first use (a few seconds, once per machine: the build is cached like the base one), the base library where
     that build fails. The caller checks `available()`."""
+    global _base_instance
     layout, refine = packed.layout, packed.refine_layout
     key = (layout.groups, layout.k, layout.index_bits, refine.k if refine is not None else 0)
     worth = (layout.coef_format == "e3m1" and layout.index_bits >= 10 and os.environ.get("CSR_KERNEL_INSTANCES") != "0"
              and (refine is None or refine.index_bits == layout.index_bits))
-    if not worth or key == _BASE_INSTANCE or (refine is None and key[:3] == _BASE_INSTANCE[:3]):
+    if not worth:
+        return _library
+    if _base_instance is None:
+        _base_instance = instance_layout(_library)
+    if key == _base_instance or (refine is None and key[:3] == _base_instance[:3]):  # no refinement: any rk serves
         return _library
     if key not in _instances:
         _instances[key] = _build(key)
