@@ -62,9 +62,15 @@ def fit(config: str = "configs/llama.yaml") -> None:
 
 def lightning_main(args: list[str] | None = None) -> None:
     """The `lightning` console script: a LightningCLI over NeuralDict and the KV DataModule."""
+    import torch.distributed
+
     from neuraldict.training import run_lightning_cli
 
     run_lightning_cli(args)
+    # Lightning leaves a DDP run's process group alive; torch aborts a process that exits with gloo's threads
+    # still running ("terminate called without an active exception"), so every rank closes it on success.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> None:

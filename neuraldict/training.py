@@ -286,6 +286,7 @@ class NeuralDict(L.LightningModule):
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective under DDP: every rank
         if self.trainer.is_global_zero:
             self._export_with_report(out_dir)
+        self.trainer.strategy.barrier("export")  # under DDP, the other ranks wait for rank 0's export
 
     def _export_with_report(self, out_dir: Path) -> None:
         path = Path(self.hparams.export_path) if self.hparams.export_path else out_dir / "dictionary.safetensors"
