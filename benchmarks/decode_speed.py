@@ -66,8 +66,10 @@ def time_decode(lm, token, cache, steps: int) -> tuple[float, torch.Tensor]:
 
 
 def _decode_path(method: str) -> None:
-    """The CPU decode kernel (`csr_runtime.native`) for every CSR method but the one named for the torch path."""
+    """The CPU kernels (`csr_runtime.native`) for every CSR method but the one named for the torch path; the prefill's
+    products on AMX (where the CPU has it) for every method but the one named for torch's products."""
     os.environ["CSR_NATIVE"] = "0" if "CSR_NATIVE=0" in method else "1"
+    os.environ["CSR_AMX"] = "0" if "CSR_AMX=0" in method else "1"
 
 
 def main(argv=None) -> None:
@@ -91,6 +93,8 @@ def main(argv=None) -> None:
         "CSR, 1-bit budget (defaults; CSR-4's bits)": (
             lambda: CSRCache(lm, args.dictionary, code_bits_per_channel=1.0), "sdpa"),
         f"CSR-{args.sparsity}, packed, attention from codes (csr_codes)": (
+            lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), CSR_ATTENTION),
+        f"CSR-{args.sparsity}, csr_codes, prefill products in torch (CSR_AMX=0)": (
             lambda: CSRCache(lm, args.dictionary, sparsity=args.sparsity), CSR_ATTENTION),
     }
     if args.methods:

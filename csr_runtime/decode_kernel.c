@@ -13,8 +13,9 @@
  * a_atom = sum of w_t * coef over the pairs naming that atom: one scatter per pair instead of a d_h-wide
  * decode per value; the product of a with the atoms is left to BLAS (csr_runtime/native.py).
  *
- * csr_mp_gram / csr_mp_direct: matching pursuit, through the Gram matrix for many vectors, or computing every
- * score itself for a decode step's few (csr_runtime/sparse_coding.py chooses).
+ * csr_mp_gram / csr_mp_amx / csr_mp_direct: matching pursuit, through the Gram matrix for many vectors (the
+ * product X D^T given, or made here on Intel AMX), or computing every score itself for a decode step's few
+ * (csr_runtime/sparse_coding.py chooses).
  *
  * Built and loaded by csr_runtime/native.py with the system C compiler; parity with the torch
  * path is tested in tests/test_native.py.
@@ -507,9 +508,45 @@ static inline __attribute__((always_inline)) void update_block(float *row, const
     keep_largest(v, j, best_abs, best_index);
 }
 
-/* row -= c * g (when g is given), then the first j of largest |row[j]|: one pass in 16-float lanes (one AVX-512
-   register, or two or four narrower ones) with masked blends, two blocks at a time into two sets of lanes so
-   that each compare does not wait on the one before (the chain of compares and selects bound the pass). */
+#if defined(__AVX512F__)
+/* row -= c * g (when g is given), then the first j of largest |row[j]|. AVX-512: a pass that updates the row and
+   keeps only the running maximum of |row| (two registers, so each max does not wait on the one before), then a
+   scan of the row (in L1) for the first j where |row[j]| equals it: 4 vector operations an element instead of the
+   7 of keeping each lane's index (the pass was bound by them, not by memory). */
+static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, float c) {
+    const __m512 cv = _mm512_set1_ps(c), magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    __m512 top0 = _mm512_setzero_ps(), top1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= N; j += 32) {
+        __m512 v0 = _mm512_loadu_ps(row + j), v1 = _mm512_loadu_ps(row + j + 16);
+        if (g) {
+            v0 = _mm512_sub_ps(v0, _mm512_mul_ps(cv, _mm512_loadu_ps(g + j)));
+            v1 = _mm512_sub_ps(v1, _mm512_mul_ps(cv, _mm512_loadu_ps(g + j + 16)));
+            _mm512_storeu_ps(row + j, v0);
+            _mm512_storeu_ps(row + j + 16, v1);
+        }
+        top0 = _mm512_max_ps(top0, _mm512_and_ps(v0, magnitude));
+        top1 = _mm512_max_ps(top1, _mm512_and_ps(v1, magnitude));
+    }
+    float top = _mm512_reduce_max_ps(_mm512_max_ps(top0, top1));
+    for (int64_t t = j; t < N; t++) {
+        if (g) row[t] -= c * g[t];
+        const float a = row[t] < 0 ? -row[t] : row[t];
+        if (a > top) top = a;
+    }
+    const __m512 topv = _mm512_set1_ps(top);
+    for (j = 0; j + 16 <= N; j += 16) {
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(row + j), magnitude), topv, _CMP_EQ_OQ);
+        if (hit) return j + __builtin_ctz(hit);
+    }
+    for (; j < N; j++)
+        if ((row[j] < 0 ? -row[j] : row[j]) == top) return j;
+    return 0; /* only where a score is NaN */
+}
+#else
+/* row -= c * g (when g is given), then the first j of largest |row[j]|: one pass in 16-float lanes (two or four
+   registers) with masked blends, two blocks at a time into two sets of lanes so that each compare does not wait on
+   the one before (the chain of compares and selects bound the pass). */
 static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, float c) {
     const v16 cv = (v16){0} + c;
     v16 best_abs[2] = {(v16){0} - 1.0f, (v16){0} - 1.0f};
@@ -528,6 +565,7 @@ static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, f
     }
     return at;
 }
+#endif
 
 /* c rounded to the nearest of `levels` times scale (ties to the lower level; the midpoints between levels given),
    as e3m1 is; c itself without levels. */
@@ -540,22 +578,189 @@ static inline float round_to_levels(float c, const float *levels, const float *m
     return v < 0 ? -(levels[m] * scale) : levels[m] * scale;
 }
 
+/* Matching pursuit of one row of scores through the Gram matrix: s atoms into idx, coef. */
+static inline void mp_row(float *row, int64_t N, const float *gram, int64_t s, int64_t *idx, float *coef,
+                          const float *levels, const float *midpoints, int64_t n_levels, float scale) {
+    const float *g = 0;
+    float c = 0.0f;
+    for (int64_t a = 0; a < s; a++) {
+        const int64_t at = update_and_argmax(row, N, g, c);
+        c = round_to_levels(row[at], levels, midpoints, n_levels, scale);
+        idx[a] = at;
+        coef[a] = c;
+        g = gram + at * N;
+    }
+}
+
 void csr_mp_gram(float *scores, int64_t n, int64_t N, const float *gram, int64_t s, int64_t *idx, float *coef,
                  const float *levels, const float *midpoints, int64_t n_levels, float scale, int64_t threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < n; r++) {
-        float *row = scores + r * N;
-        const float *g = 0;
-        float c = 0.0f;
-        for (int64_t a = 0; a < s; a++) {
-            const int64_t at = update_and_argmax(row, N, g, c);
-            c = round_to_levels(row[at], levels, midpoints, n_levels, scale);
-            idx[r * s + a] = at;
-            coef[r * s + a] = c;
-            g = gram + at * N;
+    for (int64_t r = 0; r < n; r++)
+        mp_row(scores + r * N, N, gram, s, idx + r * s, coef + r * s, levels, midpoints, n_levels, scale);
+}
+
+/* csr_mp_amx: csr_mp_gram with its product X D^T made here, 16 vectors at a time on the CPU's matrix unit (Intel
+   AMX, bf16 tiles with float32 sums), each block's scores (16 x N, in L2) coded at once. float32 products from bf16
+   ones ("bf16x3"): x = x_hi + x_lo and d = d_hi + d_lo, each part rounded to bf16, and x.d ~ x_hi.d_hi + x_hi.d_lo +
+   x_lo.d_hi, exact to ~2^-17 of |x| |d| (float32: ~2^-21), so the atoms chosen are float32's but at near-ties.
+   Built where the compiler targets AMX (-march=native on such a CPU); csr_amx_ready asks Linux for the tile state
+   (once a process). Atoms packed once per dictionary by csr_amx_pack_atoms: (hi, lo) x (N / 16 blocks of 16 atoms)
+   x (k / 32 chunks) x a 16 x 16 x 2 tile, pairs of channels adjacent as the dot-product instruction reads them. */
+enum { AMX_ROWS = 16, AMX_K = 32 };
+
+static inline uint16_t bf16_nearest(float f) { /* round to nearest, ties to even (finite inputs) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float bf16_value(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* The padded sizes: channels to a multiple of 32, atoms to a multiple of 32 (two tiles of 16 a step). */
+static inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+void csr_amx_pack_atoms(const float *atoms, int64_t N, int64_t d, uint16_t *packed) {
+    const int64_t kc = round_up(d, AMX_K) / AMX_K, Np = round_up(N, 2 * 16), half = Np * kc * AMX_K;
+    for (int64_t jb = 0; jb < Np / 16; jb++)
+        for (int64_t c = 0; c < kc; c++)
+            for (int64_t r = 0; r < 16; r++)
+                for (int64_t j = 0; j < 16; j++)
+                    for (int64_t p = 0; p < 2; p++) {
+                        const int64_t k = c * AMX_K + 2 * r + p, atom = jb * 16 + j;
+                        const int64_t at = (((jb * kc + c) * 16 + r) * 16 + j) * 2 + p;
+                        const float v = k < d && atom < N ? atoms[atom * d + k] : 0.0f;
+                        const uint16_t hi = bf16_nearest(v);
+                        packed[at] = hi;
+                        packed[half + at] = bf16_nearest(v - bf16_value(hi));
+                    }
+}
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int csr_amx_ready(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0; }
+
+/* The 16 x Np scores of one block of rows, hi/lo parts of its vectors in xh, xl (16 x dp bf16 each). Tiles: 0, 1
+   the vectors' hi parts of two 32-channel chunks, 2, 3 their lo parts (held for the whole block where d <= 64,
+   else one chunk at a time in 0, 2); 6, 7 two blocks of atoms' hi, then lo parts; 4, 5 the two blocks' sums (two
+   chains, so each product need not wait on the one before). */
+#define CHUNK_PRODUCTS(AH, AL, b0, b1)                                                                              \
+    do {                                                                                                           \
+        _tile_loadd(6, b0, 64);                                                                                    \
+        _tile_loadd(7, b1, 64);                                                                                    \
+        _tile_dpbf16ps(4, AL, 6); /* x_lo . d_hi */                                                                \
+        _tile_dpbf16ps(5, AL, 7);                                                                                  \
+        _tile_dpbf16ps(4, AH, 6); /* x_hi . d_hi */                                                                \
+        _tile_dpbf16ps(5, AH, 7);                                                                                  \
+        _tile_loadd(6, (b0) + half, 64);                                                                           \
+        _tile_loadd(7, (b1) + half, 64);                                                                           \
+        _tile_dpbf16ps(4, AH, 6); /* x_hi . d_lo */                                                                \
+        _tile_dpbf16ps(5, AH, 7);                                                                                  \
+    } while (0)
+
+static void block_scores(const uint16_t *xh, const uint16_t *xl, int64_t dp, const uint16_t *packed, int64_t Np,
+                         float *scores, int64_t stride) {
+    const int64_t kc = dp / AMX_K, half = Np * dp;
+    if (kc <= 2) {
+        _tile_loadd(0, xh, dp * 2);
+        _tile_loadd(2, xl, dp * 2);
+        if (kc == 2) {
+            _tile_loadd(1, xh + AMX_K, dp * 2);
+            _tile_loadd(3, xl + AMX_K, dp * 2);
         }
     }
+    for (int64_t jb = 0; jb < Np / 16; jb += 2) {
+        _tile_zero(4);
+        _tile_zero(5);
+        const uint16_t *b0 = packed + jb * kc * 512, *b1 = b0 + kc * 512;
+        if (kc <= 2) {
+            CHUNK_PRODUCTS(0, 2, b0, b1);
+            if (kc == 2) CHUNK_PRODUCTS(1, 3, b0 + 512, b1 + 512);
+        } else {
+            for (int64_t c = 0; c < kc; c++) {
+                _tile_loadd(0, xh + c * AMX_K, dp * 2);
+                _tile_loadd(2, xl + c * AMX_K, dp * 2);
+                CHUNK_PRODUCTS(0, 2, b0 + c * 512, b1 + c * 512);
+            }
+        }
+        _tile_stored(4, scores + jb * 16, stride * 4);
+        _tile_stored(5, scores + jb * 16 + 16, stride * 4);
+    }
 }
+
+/* A block's vectors as bf16 hi and lo parts (rows past n and channels past d zero). */
+static inline void split_block(const float *x, int64_t rows, int64_t d, int64_t dp, uint16_t *xh, uint16_t *xl) {
+#if defined(__AVX512BF16__)
+    if (d == dp) {
+        for (int64_t i = 0; i < AMX_ROWS; i++)
+            for (int64_t k = 0; k < d; k += 16) {
+                const __m512 v = i < rows ? _mm512_loadu_ps(x + i * d + k) : _mm512_setzero_ps();
+                const __m256bh hi = _mm512_cvtneps_pbh(v);
+                const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)hi), 16));
+                _mm256_storeu_si256((__m256i *)(xh + i * dp + k), (__m256i)hi);
+                _mm256_storeu_si256((__m256i *)(xl + i * dp + k), (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, back)));
+            }
+        return;
+    }
+#endif
+    for (int64_t i = 0; i < AMX_ROWS; i++)
+        for (int64_t k = 0; k < dp; k++) {
+            const float v = i < rows && k < d ? x[i * d + k] : 0.0f;
+            xh[i * dp + k] = bf16_nearest(v);
+            xl[i * dp + k] = bf16_nearest(v - bf16_value(xh[i * dp + k]));
+        }
+}
+
+/* x (n, d) float32 -> idx, coef (n, s) as csr_mp_gram over X D^T. 0: done; 1: no memory for a thread's buffers. */
+int csr_mp_amx(const float *x, int64_t n, int64_t d, const uint16_t *packed, int64_t N, const float *gram, int64_t s,
+               int64_t *idx, float *coef, const float *levels, const float *midpoints, int64_t n_levels, float scale,
+               int64_t threads) {
+    const int64_t dp = round_up(d, AMX_K), Np = round_up(N, 2 * 16), blocks = (n + AMX_ROWS - 1) / AMX_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } config;
+        memset(&config, 0, sizeof config);
+        config.palette = 1;
+        for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = AMX_ROWS; /* every tile 16 x 64 bytes */
+        _tile_loadconfig(&config);
+        uint16_t *xh = aligned_alloc(64, 2 * AMX_ROWS * dp * sizeof(uint16_t)), *xl = xh + AMX_ROWS * dp;
+        /* rows a cache line more than the atoms apart: 2^k floats apart, a tile's 16 rows fall in one set of L1 */
+        const int64_t stride = Np + 16;
+        float *scores = aligned_alloc(64, AMX_ROWS * stride * sizeof(float));
+        if (!xh || !scores) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            if (!xh || !scores) continue;
+            const int64_t r0 = b * AMX_ROWS, rows = n - r0 < AMX_ROWS ? n - r0 : AMX_ROWS;
+            split_block(x + r0 * d, rows, d, dp, xh, xl);
+            block_scores(xh, xl, dp, packed, Np, scores, stride);
+            for (int64_t i = 0; i < rows; i++)
+                mp_row(scores + i * stride, N, gram, s, idx + (r0 + i) * s, coef + (r0 + i) * s, levels, midpoints,
+                       n_levels, scale);
+        }
+        free(xh);
+        free(scores);
+        _tile_release();
+    }
+    return failed;
+}
+#else
+int csr_amx_ready(void) { return 0; }
+int csr_mp_amx(const float *x, int64_t n, int64_t d, const uint16_t *packed, int64_t N, const float *gram, int64_t s,
+               int64_t *idx, float *coef, const float *levels, const float *midpoints, int64_t n_levels, float scale,
+               int64_t threads) {
+    return 1;
+}
+#endif
 
 /* Matching pursuit of a few rows without the Gram matrix (a decode step's new tokens: too few to pay for it): per
    atom, every score of the residual, <R, d_j> = sum_k R[k] atoms_t[k, j] summed in k order, 16 atoms a register

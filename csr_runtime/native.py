@@ -9,6 +9,8 @@
   then one product with the atoms.
 - `mp_gram`: matching pursuit through the Gram matrix (`sparse_coding._mp_gram_batch`: one product with the
   dictionary per call instead of one per atom), each row's atoms chosen while its scores stay in cache.
+- `mp_amx`: `mp_gram` with the product X Dᵀ made in the kernel on the CPU's matrix unit (Intel AMX, bf16 tiles,
+  float32 sums of three bf16 products), 16 vectors at a time, each block's scores coded while they are in L2.
 - `mp_direct`: matching pursuit of a few vectors (a decode step's), every score computed in registers, four
   vectors sharing each load of the atoms: a call of 24 vectors took ~60 tensor operations on the torch path.
 
@@ -41,8 +43,8 @@ from csr_core.code_layout import CodeLayout
 from csr_core.paths import cache_root
 from csr_runtime.code_packing import e3m1_levels, e3m1_values
 
-__all__ = ["PackedCodes", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_direct", "mp_gram", "weighted_values",
-           "workspace"]
+__all__ = ["PackedCodes", "amx_available", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_amx",
+           "mp_direct", "mp_gram", "pack_atoms_amx", "weighted_values", "workspace"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -57,6 +59,7 @@ _library = None  # ctypes.CDLL once built, False when it cannot be
 # that build failed.
 _base_instance: tuple[int, int, int, int] | None = None
 _instances: dict[tuple[int, int, int, int], ctypes.CDLL | None] = {}
+_amx: bool | None = None  # whether the base library has AMX kernels and Linux grants this process the tile state
 
 
 def _cpu_tag() -> str:
@@ -121,6 +124,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.csr_mp_gram.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     lib.csr_instance.restype = None
     lib.csr_instance.argtypes = [ptr]
+    lib.csr_mp_amx.restype = ctypes.c_int
+    lib.csr_mp_amx.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
+    lib.csr_amx_pack_atoms.restype = None
+    lib.csr_amx_pack_atoms.argtypes = [ptr, i64, i64, ptr]
+    lib.csr_amx_ready.restype = ctypes.c_int
     lib.csr_mp_direct.restype = None
     lib.csr_mp_direct.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     return lib
@@ -362,6 +370,45 @@ def _levels(rounding, kernel: str):
     if getattr(rounding, "coef_format", None) != "e3m1":
         raise ValueError(f"{kernel} rounds coefficients to e3m1 only, got {rounding!r}: use sparse_encode")
     return e3m1_levels()
+
+
+def amx_available() -> bool:
+    """Whether `mp_amx` runs here: the kernel built with AMX (`-march=native` on a CPU that has it: Intel Xeon since
+    Sapphire Rapids) and Linux granting the process the tiles' state. `CSR_AMX=0` turns it off (e.g. to compare)."""
+    global _amx
+    if os.environ.get("CSR_AMX", "1") == "0" or not available():
+        return False
+    if _amx is None:
+        _amx = bool(_library.csr_amx_ready())
+    return _amx
+
+
+def pack_atoms_amx(dictionary: torch.Tensor) -> torch.Tensor:
+    """The atoms (N, d) as `mp_amx` reads them: bf16 hi and lo parts in tiles (decode_kernel.c, csr_amx_pack_atoms);
+    N and d padded with zeros to multiples of 32."""
+    N, d = dictionary.shape
+    atoms = dictionary.float().contiguous()
+    packed = torch.empty(2 * (-(-N // 32) * 32) * (-(-d // 32) * 32), dtype=torch.int16)
+    _library.csr_amx_pack_atoms(_ptr(atoms), N, d, _ptr(packed))
+    return packed
+
+
+def mp_amx(x: torch.Tensor, packed: torch.Tensor, gram: torch.Tensor, s: int,
+           rounding=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Matching pursuit of every row of x (n, d) as `mp_gram` of X Dᵀ, the product made in the kernel (AMX, bf16x3:
+    within ~2⁻¹⁷ |x| of float32's scores, so the same atoms but at near-ties): `packed` the dictionary from
+    `pack_atoms_amx`, `gram` (N, N) = D Dᵀ → idx (n, s) int64, coef (n, s); None where a thread's buffers could not
+    be allocated (the caller takes `mp_gram`). The caller checks `amx_available()`."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError("mp_amx takes float32 CPU vectors")
+    x, gram = x.contiguous(), gram.float().contiguous()
+    n, N = x.shape[0], gram.shape[0]
+    idx, coef = torch.empty(n, s, dtype=torch.int64), torch.empty(n, s, dtype=torch.float32)
+    levels, midpoints = _levels(rounding, "mp_amx")
+    failed = _library.csr_mp_amx(_ptr(x), n, x.shape[1], _ptr(packed), N, _ptr(gram), s, _ptr(idx), _ptr(coef),
+                                 _ptr(levels), _ptr(midpoints), 0 if levels is None else len(levels),
+                                 1.0 if rounding is None else rounding.scale, torch.get_num_threads())
+    return None if failed else (idx, coef)
 
 
 def mp_direct(x: torch.Tensor, atoms_t: torch.Tensor, s: int, rounding=None) -> tuple[torch.Tensor, torch.Tensor]:

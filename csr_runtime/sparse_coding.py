@@ -78,6 +78,14 @@ def _mp_gram_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: 
     return native.mp_gram(scores, gram, s, quantize)
 
 
+def _mp_amx_batch(x: torch.Tensor, packed: torch.Tensor, gram: torch.Tensor, s: int, quantize: Quantizer | None):
+    """`_mp_gram_batch` with the product X Dᵀ made in the kernel on the CPU's matrix unit (`native.mp_amx`: Intel AMX,
+    float32 scores from three bf16 products, within ~2⁻¹⁷ |x| of float32's), 16 vectors at a time while their
+    scores stay in L2: no (n, N) tensor. The same choices as `_mp_gram_batch` but at near-ties. None where the
+    kernel could not allocate its buffers. `packed`: `native.pack_atoms_amx(D)`."""
+    return native.mp_amx(x, packed, gram, s, quantize)
+
+
 def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str, quantize: Quantizer | None) -> bool:
     """Whether `_mp_gram_batch` applies (`_kernel_applies`) and pays: enough vectors that the Gram matrix
     (N · N · d multiply-adds) costs less than the s − 1 products it saves (each also a pass for |scores| and one
@@ -165,10 +173,12 @@ def sparse_encode(
     chunk's scores take 16 MiB on CPU (they stay in cache: ~1.7× faster at N = 4096 than 8192 rows)
     and 256 MiB on a GPU. `quantize` maps coefficients to the values they will be stored as (e.g.
     FP8): MP then codes each residual against the rounded coefficients. Large calls without autograd on the
-    CPU update the scores through the Gram matrix instead of a product per atom (`_mp_gram_batch`), smaller ones
-    run in one kernel call (`_mp_direct_batch`); a caller that codes with the same dictionary again soon (a cache:
+    CPU update the scores through the Gram matrix instead of a product per atom (`_mp_gram_batch`; on a CPU with
+    Intel AMX the product X Dᵀ too is made in the kernel, `_mp_amx_batch`), smaller ones run in one kernel call
+    (`_mp_direct_batch`); a caller that codes with the same dictionary again soon (a cache:
     the refinement, the next layer of a merged group) passes a dict as `gram_memo` to keep what they derive from
-    the last dictionary there (its Gram matrix, its transpose; one of each at a time; the caller frees it).
+    the last dictionary there (its Gram matrix, its transpose, its AMX tiles; one of each at a time; the caller frees
+    it).
     """
     if method not in _KERNELS:
         raise ValueError(f"method must be one of {sorted(_KERNELS)}, got {method!r}")
@@ -192,6 +202,10 @@ def sparse_encode(
     memo = {} if gram_memo is None else gram_memo
     if _gram_pays(x, dictionary, s, method, quantize):
         gram = _memoized(memo, "gram", dictionary, lambda D: D @ D.T)
+        if native.amx_available():  # the product in the kernel, on AMX tiles: no chunks, no (n, N) scores
+            coded = _mp_amx_batch(x, _memoized(memo, "amx_atoms", dictionary, native.pack_atoms_amx), gram, s, quantize)
+            if coded is not None:
+                return coded
         chunk_size = min(chunk_size, _GRAM_CHUNK)
         buffer = x.new_empty(min(x.shape[0], chunk_size), dictionary.shape[0])
         kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram, buffer)

@@ -117,6 +117,7 @@ def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(round
     from csr_runtime import native
     from csr_runtime.code_packing import CoefficientRounding
 
+    monkeypatch.setenv("CSR_AMX", "0")  # the product in torch (the AMX kernel: the next test)
     D = unit_dictionary(256, 16, seed=4)
     x = torch.randn(700, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     quantize = CoefficientRounding("e3m1", 0.25) if rounded else None
@@ -135,6 +136,45 @@ def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(round
     assert not sc._gram_pays(x.float(), D.float().requires_grad_(), 5, "mp", quantize)
     assert not sc._gram_pays(x.float(), D.float(), 5, "omp", quantize)
     assert not sc._gram_pays(x.float(), D.float(), 5, "mp", CoefficientRounding("fp8", 0.25))
+
+
+@pytest.mark.parametrize("N, d", [(260, 20), (512, 64)])  # padded to tiles (N, d not multiples of 32) / not
+def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, monkeypatch):
+    """On a CPU with Intel AMX the Gram path's product X Dᵀ is made in the kernel from bf16 parts (`_mp_amx_batch`):
+    its scores within 2⁻¹⁵ |x| of the float64 ones (s = 1: the coefficient is the top score), and the same atoms and
+    coefficients as the paper's loop in float64 but at near-ties (of 700 × 4 choices, at most 3 rows differ, each
+    where its two atoms' float64 scores are within 10⁻⁴ |x|)."""
+    import csr_runtime.sparse_coding as sc
+    from csr_runtime import native
+    from csr_runtime.code_packing import CoefficientRounding
+
+    if not native.amx_available():
+        pytest.skip("this CPU has no Intel AMX (or the kernel was not built for it): the Gram path's product is torch's")
+    D = unit_dictionary(N, d, seed=11)
+    x = torch.randn(700, d, dtype=torch.float64, generator=torch.Generator().manual_seed(12)) * 3
+    taken = []
+    amx_batch = sc._mp_amx_batch
+    monkeypatch.setattr(sc, "_mp_amx_batch", lambda *a: taken.append(len(a[0])) or amx_batch(*a))
+    memo = {}
+    idx, top = sparse_encode(x.float(), D.float(), s=1, gram_memo=memo)  # s = 1 is too few for the Gram path:
+    assert taken == []  # the direct kernel
+    idx, coef = sparse_encode(x.float(), D.float(), s=4, gram_memo=memo, quantize=CoefficientRounding("e3m1", 0.25))
+    assert taken == [700] and memo["amx_atoms"][1].numel() == 2 * (-(-N // 32) * 32) * (-(-d // 32) * 32)
+    ref_idx, ref_coef = sc._mp_batch(x, D, 4, CoefficientRounding("e3m1", 0.25))
+    differ = (idx != ref_idx).any(1)
+    assert int(differ.sum()) <= 3
+    np.testing.assert_allclose(coef[~differ].numpy(), ref_coef[~differ].numpy(), atol=1e-5)
+    for row in differ.nonzero().flatten().tolist():  # a near-tie: the first atom that differs scored as the other
+        a = int((idx[row] != ref_idx[row]).nonzero()[0])
+        residual = x[row] - (ref_coef[row, :a, None] * D[ref_idx[row, :a]]).sum(0)
+        scores = D @ residual
+        assert abs(scores[idx[row, a]].abs() - scores[ref_idx[row, a]].abs()) < 1e-4 * x[row].norm()
+    # the scores themselves: s = 1 without rounding, through the AMX kernel directly
+    packed, gram = native.pack_atoms_amx(D.float()), (D @ D.T).float()
+    amx_idx, amx_top = native.mp_amx(x.float(), packed, gram, 1)
+    best = (x @ D.T).gather(1, amx_idx)
+    np.testing.assert_allclose(amx_top.numpy(), best.numpy(), atol=2**-15 * float(x.norm(dim=1).max()), rtol=0)
+    assert (amx_idx == (x @ D.T).abs().argmax(1, keepdim=True)).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("rounded", [False, True])
