@@ -10,7 +10,8 @@
 - `mp_gram`: matching pursuit through the Gram matrix (`sparse_coding._mp_gram_batch`: one product with the
   dictionary per call instead of one per atom), each row's atoms chosen while its scores stay in cache.
 - `mp_amx`: `mp_gram` with the product X Dᵀ made in the kernel on the CPU's matrix unit (Intel AMX, bf16 tiles,
-  float32 sums of three bf16 products), 16 vectors at a time, each block's scores coded while they are in L2.
+  float32 sums of three bf16 products), 16 vectors at a time, each block's scores coded while they are in L2,
+  through an int16 Gram matrix (made on the tiles too, `amx_dictionary`).
 - `mp_direct`: matching pursuit of a few vectors (a decode step's), every score computed in registers, four
   vectors sharing each load of the atoms: a call of 24 vectors took ~60 tensor operations on the torch path.
 
@@ -44,7 +45,7 @@ from csr_core.paths import cache_root
 from csr_runtime.code_packing import e3m1_levels, e3m1_values
 
 __all__ = ["PackedCodes", "amx_available", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_amx",
-           "mp_direct", "mp_gram", "pack_atoms_amx", "weighted_values", "workspace"]
+           "mp_direct", "mp_gram", "amx_dictionary", "AmxDictionary", "weighted_values", "workspace"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -125,7 +126,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.csr_instance.restype = None
     lib.csr_instance.argtypes = [ptr]
     lib.csr_mp_amx.restype = ctypes.c_int
-    lib.csr_mp_amx.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
+    lib.csr_mp_amx.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_float, i64, ptr, ptr, ptr, ptr, i64,
+                               ctypes.c_float, i64]
+    lib.csr_amx_gram.restype = ctypes.c_int
+    lib.csr_amx_gram.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float, i64]
     lib.csr_amx_pack_atoms.restype = None
     lib.csr_amx_pack_atoms.argtypes = [ptr, i64, i64, ptr]
     lib.csr_amx_ready.restype = ctypes.c_int
@@ -383,30 +387,54 @@ def amx_available() -> bool:
     return _amx
 
 
-def pack_atoms_amx(dictionary: torch.Tensor) -> torch.Tensor:
-    """The atoms (N, d) as `mp_amx` reads them: bf16 hi and lo parts in tiles (decode_kernel.c, csr_amx_pack_atoms);
-    N and d padded with zeros to multiples of 32."""
+@dataclass(frozen=True)
+class AmxDictionary:
+    """A dictionary as `mp_amx` reads it: its atoms (N, d) in bf16 hi and lo parts laid out as tiles, N and d padded
+    with zeros to multiples of 32 (decode_kernel.c, csr_amx_pack_atoms), and its Gram matrix D Dᵀ as int16,
+    G ≈ gram_scale · gram (half the bytes of float32; its error under 2⁻¹⁶ of max ‖d_i‖²)."""
+
+    packed: torch.Tensor
+    gram: torch.Tensor
+    gram_scale: float
+
+    @property
+    def n_atoms(self) -> int:
+        return self.gram.shape[0]
+
+
+def amx_dictionary(dictionary: torch.Tensor, reuse: AmxDictionary | None = None) -> AmxDictionary | None:
+    """`dictionary` (N, d) packed for `mp_amx`, its Gram matrix made on the tiles too; None where a thread's buffers
+    could not be allocated. `reuse`: one the caller no longer needs, of the same shapes, whose memory is overwritten
+    (fresh memory faults its pages in: half the Gram matrix's time). The caller checks `amx_available()`."""
     N, d = dictionary.shape
     atoms = dictionary.float().contiguous()
-    packed = torch.empty(2 * (-(-N // 32) * 32) * (-(-d // 32) * 32), dtype=torch.int16)
+    size = 2 * (-(-N // 32) * 32) * (-(-d // 32) * 32)
+    fits = reuse is not None and reuse.packed.numel() == size and reuse.n_atoms == N
+    packed = reuse.packed if fits else torch.empty(size, dtype=torch.int16)
     _library.csr_amx_pack_atoms(_ptr(atoms), N, d, _ptr(packed))
-    return packed
+    gram_scale = float(atoms.square().sum(1).max()) * (1 + 2**-10) / 32767  # |G_ij| <= max ‖d_i‖²
+    gram = reuse.gram if fits else torch.empty(N, N, dtype=torch.int16)
+    if gram_scale == 0 or _library.csr_amx_gram(_ptr(atoms), N, d, _ptr(packed), _ptr(gram), gram_scale,
+                                                torch.get_num_threads()):
+        return None
+    return AmxDictionary(packed, gram, gram_scale)
 
 
-def mp_amx(x: torch.Tensor, packed: torch.Tensor, gram: torch.Tensor, s: int,
-           rounding=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def mp_amx(x: torch.Tensor, dictionary: AmxDictionary, s: int, rounding=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Matching pursuit of every row of x (n, d) as `mp_gram` of X Dᵀ, the product made in the kernel (AMX, bf16x3:
-    within ~2⁻¹⁷ |x| of float32's scores, so the same atoms but at near-ties): `packed` the dictionary from
-    `pack_atoms_amx`, `gram` (N, N) = D Dᵀ → idx (n, s) int64, coef (n, s); None where a thread's buffers could not
-    be allocated (the caller takes `mp_gram`). The caller checks `amx_available()`."""
+    within ~2⁻¹⁷ |x| of float32's scores) and the scores updated through the int16 Gram matrix (within 2⁻¹⁶ |c|):
+    the same atoms as float32 but at near-ties. `dictionary` from `amx_dictionary` → idx (n, s) int64, coef (n, s);
+    None where a thread's buffers could not be allocated (the caller takes `mp_gram`). The caller checks
+    `amx_available()`."""
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError("mp_amx takes float32 CPU vectors")
-    x, gram = x.contiguous(), gram.float().contiguous()
-    n, N = x.shape[0], gram.shape[0]
+    x = x.contiguous()
+    n = x.shape[0]
     idx, coef = torch.empty(n, s, dtype=torch.int64), torch.empty(n, s, dtype=torch.float32)
     levels, midpoints = _levels(rounding, "mp_amx")
-    failed = _library.csr_mp_amx(_ptr(x), n, x.shape[1], _ptr(packed), N, _ptr(gram), s, _ptr(idx), _ptr(coef),
-                                 _ptr(levels), _ptr(midpoints), 0 if levels is None else len(levels),
+    failed = _library.csr_mp_amx(_ptr(x), n, x.shape[1], _ptr(dictionary.packed), dictionary.n_atoms,
+                                 _ptr(dictionary.gram), dictionary.gram_scale, s, _ptr(idx), _ptr(coef), _ptr(levels),
+                                 _ptr(midpoints), 0 if levels is None else len(levels),
                                  1.0 if rounding is None else rounding.scale, torch.get_num_threads())
     return None if failed else (idx, coef)
 

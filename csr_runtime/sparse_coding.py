@@ -78,12 +78,13 @@ def _mp_gram_batch(x: torch.Tensor, dictionary: torch.Tensor, s: int, quantize: 
     return native.mp_gram(scores, gram, s, quantize)
 
 
-def _mp_amx_batch(x: torch.Tensor, packed: torch.Tensor, gram: torch.Tensor, s: int, quantize: Quantizer | None):
+def _mp_amx_batch(x: torch.Tensor, dictionary: "native.AmxDictionary", s: int, quantize: Quantizer | None):
     """`_mp_gram_batch` with the product X Dᵀ made in the kernel on the CPU's matrix unit (`native.mp_amx`: Intel AMX,
     float32 scores from three bf16 products, within ~2⁻¹⁷ |x| of float32's), 16 vectors at a time while their
-    scores stay in L2: no (n, N) tensor. The same choices as `_mp_gram_batch` but at near-ties. None where the
-    kernel could not allocate its buffers. `packed`: `native.pack_atoms_amx(D)`."""
-    return native.mp_amx(x, packed, gram, s, quantize)
+    scores stay in L2 (no (n, N) tensor), updated through an int16 Gram matrix (within 2⁻¹⁶ |c|; half the bytes
+    each update reads). The same choices as `_mp_gram_batch` but at near-ties. None where the kernel could not
+    allocate its buffers. `dictionary`: `native.amx_dictionary(D)`."""
+    return native.mp_amx(x, dictionary, s, quantize)
 
 
 def _gram_pays(x: torch.Tensor, dictionary: torch.Tensor, s: int, method: str, quantize: Quantizer | None) -> bool:
@@ -177,7 +178,7 @@ def sparse_encode(
     Intel AMX the product X Dᵀ too is made in the kernel, `_mp_amx_batch`), smaller ones run in one kernel call
     (`_mp_direct_batch`); a caller that codes with the same dictionary again soon (a cache:
     the refinement, the next layer of a merged group) passes a dict as `gram_memo` to keep what they derive from
-    the last dictionary there (its Gram matrix, its transpose, its AMX tiles; one of each at a time; the caller frees
+    the last dictionary there (its Gram matrix, its transpose, its AMX tiles and int16 Gram matrix; one of each at a time; the caller frees
     it).
     """
     if method not in _KERNELS:
@@ -200,12 +201,15 @@ def sparse_encode(
         chunk_size = max(256, budget // (dictionary.shape[0] * x.element_size()))
     kernel = _KERNELS[method]
     memo = {} if gram_memo is None else gram_memo
+    if _gram_pays(x, dictionary, s, method, quantize) and native.amx_available():
+        # the product in the kernel, on AMX tiles: no chunks, no (n, N) scores; the Gram matrix made there too
+        held = memo.get("amx", (None, None, None))[1]  # the last dictionary's: its memory is reused
+        amx = _memoized(memo, "amx", dictionary, lambda D: native.amx_dictionary(D, reuse=held))
+        coded = None if amx is None else _mp_amx_batch(x, amx, s, quantize)
+        if coded is not None:
+            return coded
     if _gram_pays(x, dictionary, s, method, quantize):
         gram = _memoized(memo, "gram", dictionary, lambda D: D @ D.T)
-        if native.amx_available():  # the product in the kernel, on AMX tiles: no chunks, no (n, N) scores
-            coded = _mp_amx_batch(x, _memoized(memo, "amx_atoms", dictionary, native.pack_atoms_amx), gram, s, quantize)
-            if coded is not None:
-                return coded
         chunk_size = min(chunk_size, _GRAM_CHUNK)
         buffer = x.new_empty(min(x.shape[0], chunk_size), dictionary.shape[0])
         kernel = lambda chunk, D, s, quantize: _mp_gram_batch(chunk, D, s, quantize, gram, buffer)

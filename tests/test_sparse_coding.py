@@ -141,8 +141,8 @@ def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(round
 @pytest.mark.parametrize("N, d", [(260, 20), (512, 64)])  # padded to tiles (N, d not multiples of 32) / not
 def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, monkeypatch):
     """On a CPU with Intel AMX the Gram path's product X Dᵀ is made in the kernel from bf16 parts (`_mp_amx_batch`):
-    its scores within 2⁻¹⁵ |x| of the float64 ones (s = 1: the coefficient is the top score), and the same atoms and
-    coefficients as the paper's loop in float64 but at near-ties (of 700 × 4 choices, at most 3 rows differ, each
+    its scores within 2⁻¹⁵ |x| of the float64 ones (s = 1: the coefficient is the top score), its int16 Gram matrix
+    within 2⁻¹⁵, and the same atoms and coefficients as the paper's loop in float64 but at near-ties (of 700 × 4 choices, at most 3 rows differ, each
     where its two atoms' float64 scores are within 10⁻⁴ |x|)."""
     import csr_runtime.sparse_coding as sc
     from csr_runtime import native
@@ -159,7 +159,10 @@ def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, monkeypatch):
     idx, top = sparse_encode(x.float(), D.float(), s=1, gram_memo=memo)  # s = 1 is too few for the Gram path:
     assert taken == []  # the direct kernel
     idx, coef = sparse_encode(x.float(), D.float(), s=4, gram_memo=memo, quantize=CoefficientRounding("e3m1", 0.25))
-    assert taken == [700] and memo["amx_atoms"][1].numel() == 2 * (-(-N // 32) * 32) * (-(-d // 32) * 32)
+    amx = memo["amx"][1]
+    assert taken == [700] and amx.packed.numel() == 2 * (-(-N // 32) * 32) * (-(-d // 32) * 32)
+    # its Gram matrix, made on the tiles as int16: within 2⁻¹⁶ of the largest entry (plus bf16x3's error)
+    np.testing.assert_allclose(amx.gram.double().numpy() * amx.gram_scale, (D @ D.T).numpy(), atol=2**-15, rtol=0)
     ref_idx, ref_coef = sc._mp_batch(x, D, 4, CoefficientRounding("e3m1", 0.25))
     differ = (idx != ref_idx).any(1)
     assert int(differ.sum()) <= 3
@@ -170,8 +173,7 @@ def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, monkeypatch):
         scores = D @ residual
         assert abs(scores[idx[row, a]].abs() - scores[ref_idx[row, a]].abs()) < 1e-4 * x[row].norm()
     # the scores themselves: s = 1 without rounding, through the AMX kernel directly
-    packed, gram = native.pack_atoms_amx(D.float()), (D @ D.T).float()
-    amx_idx, amx_top = native.mp_amx(x.float(), packed, gram, 1)
+    amx_idx, amx_top = native.mp_amx(x.float(), amx, 1)
     best = (x @ D.T).gather(1, amx_idx)
     np.testing.assert_allclose(amx_top.numpy(), best.numpy(), atol=2**-15 * float(x.norm(dim=1).max()), rtol=0)
     assert (amx_idx == (x @ D.T).abs().argmax(1, keepdim=True)).float().mean() > 0.99
@@ -209,9 +211,13 @@ def test_small_mp_calls_in_one_kernel_call_choose_the_reference_atoms(rounded, n
     assert not sc._kernel_applies(x.float(), D.float(), 4, "mp", CoefficientRounding("fp8", 0.25))
 
 
-def test_a_gram_memo_keeps_the_last_dictionarys_gram_matrix_until_it_changes():
+@pytest.mark.parametrize("amx", ["0", "1"])
+def test_a_gram_memo_keeps_the_last_dictionarys_gram_matrix_until_it_changes(amx, monkeypatch):
     from csr_runtime import native
 
+    monkeypatch.setenv("CSR_AMX", amx)
+    name = "amx" if native.amx_available() else "gram"  # the AMX path keeps the packed atoms and an int16 Gram
+    as_float = lambda kept: kept.gram.double() * kept.gram_scale if name == "amx" else kept.double()
     D = unit_dictionary(256, 16, seed=4, dtype=torch.float32)
     x = torch.randn(300, 16, generator=torch.Generator().manual_seed(6))
     memo = {}
@@ -219,11 +225,11 @@ def test_a_gram_memo_keeps_the_last_dictionarys_gram_matrix_until_it_changes():
     if native.find_compiler() is None:  # no kernel, no Gram matrix: nothing is kept (CI has a compiler)
         assert memo == {}
         return
-    gram = memo["gram"][1]
-    torch.testing.assert_close(gram, D @ D.T)
+    gram = memo[name][1]
+    torch.testing.assert_close(as_float(gram), (D @ D.T).double(), atol=2**-14, rtol=0)
     again = sparse_encode(x, D, s=4, gram_memo=memo)
-    assert memo["gram"][1] is gram and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert memo[name][1] is gram and all(torch.equal(a, b) for a, b in zip(first, again))
     D[0] = -D[0]  # edited in place: the memo must not serve the old matrix
     sparse_encode(x, D, s=4, gram_memo=memo)
-    assert memo["gram"][1] is not gram
-    torch.testing.assert_close(memo["gram"][1], D @ D.T)
+    assert memo[name][1] is not gram
+    torch.testing.assert_close(as_float(memo[name][1]), (D @ D.T).double(), atol=2**-14, rtol=0)
