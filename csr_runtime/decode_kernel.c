@@ -785,12 +785,16 @@ static int amx_blocks(const float *x, int64_t n, int64_t d, const uint16_t *pack
             block_scores(xh, xl, dp, packed, Np, scores, stride);
             for (int64_t i = 0; i < rows; i++) {
                 float *row = scores + i * stride;
-                if (gram_out) {
-                    for (int64_t j = 0; j < N; j++) {
-                        const float q = row[j] / gram_scale; /* to the nearest, within +-32767 */
-                        gram_out[(r0 + i) * N + j] = (int16_t)(q >= 32767.0f    ? 32767
-                                                               : q <= -32767.0f ? -32767
-                                                                                : (int)(q + (q < 0 ? -0.5f : 0.5f)));
+                if (gram_out) { /* to the nearest int16 (ties to even), saturated */
+                    const __m512 inverse = _mm512_set1_ps(1.0f / gram_scale);
+                    int16_t *out = gram_out + (r0 + i) * N;
+                    int64_t j = 0;
+                    for (; j + 16 <= N; j += 16)
+                        _mm256_storeu_si256((__m256i *)(out + j), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(
+                                                                       _mm512_mul_ps(_mm512_loadu_ps(row + j), inverse))));
+                    for (; j < N; j++) {
+                        const float q = row[j] * (1.0f / gram_scale);
+                        out[j] = (int16_t)(q >= 32767.0f ? 32767 : q <= -32768.0f ? -32768 : (int)__builtin_rintf(q));
                     }
                     continue;
                 }

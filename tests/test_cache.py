@@ -214,6 +214,12 @@ def test_bad_inputs():
     k[0, 1, 2, 3] = float("nan")
     with pytest.raises(ValueError, match="layer 0: non-finite keys or values"):
         cache.layers[0].update(k, torch.randn(1, 2, 4, 16))
+    v = torch.randn(1, 2, 4, 16)
+    v[0, 0, 1, 5] = float("-inf")
+    with pytest.raises(ValueError, match="layer 0: non-finite keys or values"):
+        cache.layers[0].update(torch.randn(1, 2, 4, 16), v)
+    huge = torch.full((1, 2, 4, 16), 3e38)  # finite, but their sum overflows: still taken
+    cache.layers[1].update(huge, huge)
 
 
 def test_packed_codes_take_fewer_bytes_than_the_papers_layout_and_stay_close():
