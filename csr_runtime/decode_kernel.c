@@ -666,9 +666,19 @@ int csr_amx_ready(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOM
         _tile_dpbf16ps(5, AH, 7);                                                                                  \
     } while (0)
 
+/* The largest |score| of each of the block's rows over 32 columns at j (stored by the tiles): top[i] = max(top[i], ...). */
+static inline void keep_top(const float *scores, int64_t stride, int64_t j, __m512 *top) {
+    for (int i = 0; i < AMX_ROWS; i++) {
+        top[i] = _mm512_range_ps(top[i], _mm512_loadu_ps(scores + i * stride + j), 0xB);
+        top[i] = _mm512_range_ps(top[i], _mm512_loadu_ps(scores + i * stride + j + 16), 0xB);
+    }
+}
+
 static void block_scores(const uint16_t *xh, const uint16_t *xl, int64_t dp, const uint16_t *packed, int64_t Np,
-                         float *scores, int64_t stride) {
+                         float *scores, int64_t stride, float *row_top) {
     const int64_t kc = dp / AMX_K, half = Np * dp;
+    __m512 top[AMX_ROWS];
+    for (int i = 0; i < AMX_ROWS; i++) top[i] = _mm512_setzero_ps();
     if (kc <= 2) {
         _tile_loadd(0, xh, dp * 2);
         _tile_loadd(2, xl, dp * 2);
@@ -691,9 +701,12 @@ static void block_scores(const uint16_t *xh, const uint16_t *xl, int64_t dp, con
                 CHUNK_PRODUCTS(0, 2, b0 + c * 512, b1 + c * 512);
             }
         }
+        if (jb) keep_top(scores, stride, (jb - 2) * 16, top); /* the last pair's, while the tiles work */
         _tile_stored(4, scores + jb * 16, stride * 4);
         _tile_stored(5, scores + jb * 16 + 16, stride * 4);
     }
+    keep_top(scores, stride, Np - 32, top);
+    for (int i = 0; i < AMX_ROWS; i++) row_top[i] = _mm512_reduce_max_ps(top[i]);
 }
 
 /* A block's vectors as bf16 hi and lo parts (rows past n and channels past d zero). */
@@ -723,8 +736,21 @@ static inline void split_block(const float *x, int64_t rows, int64_t d, int64_t 
    pass reads a row of G from L3 —, its error under 2^-16 of its largest entry, ~the scores' own): as
    update_and_argmax with c * gram_scale times the int16 row, the update fused and |v| maxed in one operation
    (VRANGEPS): 4 vector operations an element besides the conversion. 1.15x faster than float32 rows. */
+/* The first j where |row[j]| equals top (the row's largest: found by a pass before). */
+static inline int64_t first_match(const float *row, int64_t N, float top) {
+    const __m512 topv = _mm512_set1_ps(top), magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    int64_t j = 0;
+    for (; j + 16 <= N; j += 16) {
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(row + j), magnitude), topv, _CMP_EQ_OQ);
+        if (hit) return j + __builtin_ctz(hit);
+    }
+    for (; j < N; j++)
+        if ((row[j] < 0 ? -row[j] : row[j]) == top) return j;
+    return 0; /* only where a score is NaN */
+}
+
 static inline int64_t update_and_argmax16(float *row, int64_t N, const int16_t *g, float c) {
-    const __m512 cv = _mm512_set1_ps(c), magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 cv = _mm512_set1_ps(c);
     __m512 top0 = _mm512_setzero_ps(), top1 = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 32 <= N; j += 32) {
@@ -747,14 +773,7 @@ static inline int64_t update_and_argmax16(float *row, int64_t N, const int16_t *
         const float a = row[t] < 0 ? -row[t] : row[t];
         if (a > top) top = a;
     }
-    const __m512 topv = _mm512_set1_ps(top);
-    for (j = 0; j + 16 <= N; j += 16) {
-        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(row + j), magnitude), topv, _CMP_EQ_OQ);
-        if (hit) return j + __builtin_ctz(hit);
-    }
-    for (; j < N; j++)
-        if ((row[j] < 0 ? -row[j] : row[j]) == top) return j;
-    return 0; /* only where a score is NaN */
+    return first_match(row, N, top);
 }
 
 /* Over the blocks of 16 rows of x (n, d): the block's scores X D^T on the tiles, then either matching pursuit of
@@ -782,7 +801,8 @@ static int amx_blocks(const float *x, int64_t n, int64_t d, const uint16_t *pack
             if (!xh || !scores) continue;
             const int64_t r0 = b * AMX_ROWS, rows = n - r0 < AMX_ROWS ? n - r0 : AMX_ROWS;
             split_block(x + r0 * d, rows, d, dp, xh, xl);
-            block_scores(xh, xl, dp, packed, Np, scores, stride);
+            float row_top[AMX_ROWS]; /* each row's largest |score| (padding columns are 0: never above it) */
+            block_scores(xh, xl, dp, packed, Np, scores, stride, row_top);
             for (int64_t i = 0; i < rows; i++) {
                 float *row = scores + i * stride;
                 if (gram_out) { /* to the nearest int16 (ties to even), saturated */
@@ -801,7 +821,7 @@ static int amx_blocks(const float *x, int64_t n, int64_t d, const uint16_t *pack
                 const int16_t *g = 0;
                 float c = 0.0f;
                 for (int64_t a = 0; a < s; a++) {
-                    const int64_t at = update_and_argmax16(row, N, g, c * gram_scale);
+                    const int64_t at = a ? update_and_argmax16(row, N, g, c * gram_scale) : first_match(row, N, row_top[i]);
                     c = round_to_levels(row[at], levels, midpoints, n_levels, scale);
                     idx[(r0 + i) * s + a] = at;
                     coef[(r0 + i) * s + a] = c;
