@@ -335,7 +335,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             self._refine(store, chunks, real, idx, coef, k)
             # (B, H, T, s_n·k) → per token (B·T, H·s_n, k) → (B, T, nbytes)
             per_token = lambda t: t.view(B, H, T, s_n, k).permute(0, 2, 1, 3, 4).reshape(B * T, H * s_n, k)
-            packed = pack_codes(per_token(idx), per_token(coef), store.layout, scale=store.token_scales(T)).view(B, T, -1)
+            packed = _pack(per_token(idx), per_token(coef), store.layout, store.token_scales(T)).view(B, T, -1)
             store.codes = packed if store.codes is None else torch.cat([store.codes, packed], dim=1)
         self.n_coded += T
         self.stats["vectors_coded"] += B * H * T
@@ -442,8 +442,7 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         if len(rows):
             coded = self._encode_each_row(store, list(residual[rows, where].split(m.tolist())), s.refine_atoms)
             r_idx, r_coef = torch.cat([i for i, _ in coded]), torch.cat([c for _, c in coded])
-            codes = pack_codes(r_idx[:, None], r_coef[:, None], store.refine_layout,
-                               scale=store.scale[rows][:, None, None])
+            codes = _pack(r_idx[:, None], r_coef[:, None], store.refine_layout, store.scale[rows][:, None, None])
         before = self.n_coded * H * s_n
         if store.refine_mask is None:
             store.refine_mask, held = pack_bits(flags), torch.zeros(B, dtype=torch.long, device=self.device)
@@ -585,6 +584,12 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
             if include_offline:
                 out.append(store.codebook.offline)
         return out
+
+
+def _pack(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout, scale: torch.Tensor) -> torch.Tensor:
+    """`pack_codes`, in one kernel call where it applies (CPU, e3m1: `native.pack_e3m1`, the same bytes)."""
+    packed = native.pack_e3m1(idx, coef, layout, scale) if native.available() else None
+    return pack_codes(idx, coef, layout, scale=scale) if packed is None else packed
 
 
 def _has_refinement(store: _KindStore) -> bool:

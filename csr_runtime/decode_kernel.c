@@ -862,6 +862,41 @@ int csr_amx_gram(const float *atoms, int64_t N, int64_t d, const uint16_t *packe
 }
 #endif
 
+/* Codes with e3m1 coefficients packed as csr_core/code_layout.py lays them out (code_packing.pack_codes, the torch
+   path: ~10 tensor operations over every code of a prefill): per code, F index fields then F coefficient fields
+   (sign in bit 4, the count of midpoints below |coef / scale| in bits 0-3), field f at bit shift[f] of byte
+   byte[f]. idx, coef (n, F), scale (n) -> out (n, nbytes). 0: done; 1: an index >= 2^index_bits. */
+int csr_pack_e3m1(const int64_t *idx, const float *coef, const float *scale, int64_t n, int64_t F, int64_t index_bits,
+                  const int64_t *byte, const int64_t *shift, int64_t nbytes, const float *midpoints, int64_t n_levels,
+                  uint8_t *out, int64_t threads) {
+    if (nbytes > MAX_CODE_BYTES || 2 * F > 2 * MAX_FIELDS) return 2;
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
+    for (int64_t r = 0; r < n; r++) {
+        uint8_t code[MAX_CODE_BYTES + 3];
+        memset(code, 0, (size_t)nbytes + 3);
+        for (int64_t f = 0; f < 2 * F; f++) {
+            uint32_t v;
+            if (f < F) {
+                const int64_t i = idx[r * F + f];
+                bad |= i < 0 || i >> index_bits;
+                v = (uint32_t)i;
+            } else {
+                const float c = coef[r * F + f - F], magnitude = (c < 0 ? -c : c) / scale[r];
+                uint32_t m = 0;
+                for (int64_t l = 0; l < n_levels - 1; l++) m += midpoints[l] < magnitude;
+                v = c < 0 && m > 0 ? m + 16 : m;
+            }
+            const uint32_t w = v << shift[f];
+            code[byte[f]] |= (uint8_t)w;
+            code[byte[f] + 1] |= (uint8_t)(w >> 8);
+            code[byte[f] + 2] |= (uint8_t)(w >> 16);
+        }
+        memcpy(out + r * nbytes, code, (size_t)nbytes);
+    }
+    return bad;
+}
+
 /* Matching pursuit of a few rows without the Gram matrix (a decode step's new tokens: too few to pay for it): per
    atom, every score of the residual, <R, d_j> = sum_k R[k] atoms_t[k, j] summed in k order, 16 atoms a register
    and MP_ROWS rows a sweep, so each load of the atoms (N d floats, column-major, in L2) serves MP_ROWS rows; the

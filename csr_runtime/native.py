@@ -12,6 +12,7 @@
 - `mp_amx`: `mp_gram` with the product X Dᵀ made in the kernel on the CPU's matrix unit (Intel AMX, bf16 tiles,
   float32 sums of three bf16 products), 16 vectors at a time, each block's scores coded while they are in L2,
   through an int16 Gram matrix (made on the tiles too, `amx_dictionary`).
+- `pack_e3m1`: a coding call's codes packed into their bytes (`code_packing.pack_codes`' ~10 tensor operations).
 - `mp_direct`: matching pursuit of a few vectors (a decode step's), every score computed in registers, four
   vectors sharing each load of the atoms: a call of 24 vectors took ~60 tensor operations on the torch path.
 
@@ -45,7 +46,7 @@ from csr_core.paths import cache_root
 from csr_runtime.code_packing import e3m1_levels, e3m1_values
 
 __all__ = ["PackedCodes", "amx_available", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_amx",
-           "mp_direct", "mp_gram", "amx_dictionary", "AmxDictionary", "weighted_values", "workspace"]
+           "mp_direct", "mp_gram", "amx_dictionary", "AmxDictionary", "pack_e3m1", "weighted_values", "workspace"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -133,6 +134,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.csr_amx_pack_atoms.restype = None
     lib.csr_amx_pack_atoms.argtypes = [ptr, i64, i64, ptr]
     lib.csr_amx_ready.restype = ctypes.c_int
+    lib.csr_pack_e3m1.restype = ctypes.c_int
+    lib.csr_pack_e3m1.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64]
     lib.csr_mp_direct.restype = None
     lib.csr_mp_direct.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     return lib
@@ -437,6 +440,34 @@ def mp_amx(x: torch.Tensor, dictionary: AmxDictionary, s: int, rounding=None) ->
                                  _ptr(midpoints), 0 if levels is None else len(levels),
                                  1.0 if rounding is None else rounding.scale, torch.get_num_threads())
     return None if failed else (idx, coef)
+
+
+_FIELD_OFFSETS: dict = {}
+
+
+def pack_e3m1(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout,
+              scale: float | torch.Tensor = 1.0) -> torch.Tensor | None:
+    """`code_packing.pack_codes` for e3m1 codes in one kernel call (the same bytes): idx, coef (n, groups, k) →
+    (n, nbytes) uint8; scale a float or (n, 1, 1) per code. None where the kernel does not take these (the caller
+    takes `pack_codes`). The caller checks `available()`."""
+    n, G, k = idx.shape
+    if (layout.coef_format != "e3m1" or idx.device.type != "cpu" or (G, k) != (layout.groups, layout.k)
+            or layout.nbytes != layout.index_bytes):
+        return None
+    if layout not in _FIELD_OFFSETS:
+        byte, shift = layout.field_offsets()
+        _FIELD_OFFSETS[layout] = (torch.tensor(byte, dtype=torch.int64), torch.tensor(shift, dtype=torch.int64))
+    byte, shift = _FIELD_OFFSETS[layout]
+    idx, coef = idx.to(torch.int64).contiguous(), coef.float().contiguous()
+    scales = (scale.float().reshape(n) if isinstance(scale, torch.Tensor) else torch.full((n,), float(scale))).contiguous()
+    out = torch.empty(n, layout.nbytes, dtype=torch.uint8)
+    _, midpoints = e3m1_levels()
+    status = _library.csr_pack_e3m1(_ptr(idx), _ptr(coef), _ptr(scales), n, G * k, layout.index_bits, _ptr(byte),
+                                    _ptr(shift), layout.nbytes, _ptr(midpoints), len(midpoints) + 1, _ptr(out),
+                                    torch.get_num_threads())
+    if status == 1:
+        raise ValueError(f"index {int(idx.max())} does not fit in index_bits = {layout.index_bits}")
+    return out if status == 0 else None
 
 
 def mp_direct(x: torch.Tensor, atoms_t: torch.Tensor, s: int, rounding=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -268,3 +268,29 @@ def test_a_workspace_is_reused_per_name_and_shape_only_without_autograd():
         assert native.workspace("test", (2, 3)) is first  # the next call of the same shape gets the same memory
         assert native.workspace("test", (3, 2)) is not first and native.workspace("other", (3, 2)) is not first
     assert native.workspace("test", (3, 2)) is not native.workspace("test", (3, 2))  # autograd may keep a tensor
+
+
+@pytest.mark.parametrize("groups, k, index_bits", [(3, 4, 11), (1, 4, 11), (6, 2, 16), (2, 3, 7)])
+def test_e3m1_packing_kernel_writes_the_torch_paths_bytes(groups, k, index_bits):
+    """`native.pack_e3m1` (a coding call's codes packed in one kernel call) gives `pack_codes`' bytes: per-code and
+    single scales, negative, zero and tied coefficients (exactly on an e3m1 midpoint), fields straddling bytes."""
+    from csr_core.code_layout import CodeLayout
+    from csr_runtime.code_packing import e3m1_levels, pack_codes
+
+    if not native.available():
+        pytest.skip("no C compiler: the torch path packs every code")
+    layout = CodeLayout(groups=groups, k=k, index_bits=index_bits, coef_format="e3m1")
+    g = torch.Generator().manual_seed(groups * 100 + k)
+    n = 37
+    idx = torch.randint(0, 2**index_bits, (n, groups, k), generator=g)
+    coef = torch.randn(n, groups, k, generator=g) * 3
+    scale = torch.rand(n, 1, 1, generator=g) + 0.25
+    _, midpoints = e3m1_levels()
+    coef[0, 0, 0], coef[1, 0, 0], coef[2, 0, 0] = 0.0, -midpoints[3] * scale[1, 0, 0], midpoints[5] * scale[2, 0, 0]
+    for s in (scale, 0.5):
+        got = native.pack_e3m1(idx, coef, layout, s)
+        assert torch.equal(got, pack_codes(idx, coef, layout, scale=s))
+    idx[3, 0, 0] = 2**index_bits
+    with pytest.raises(ValueError, match=f"does not fit in index_bits = {index_bits}"):
+        native.pack_e3m1(idx, coef, layout, scale)
+    assert native.pack_e3m1(idx, coef, CodeLayout(groups=groups, k=k, index_bits=16, coef_format="fp8"), scale) is None
