@@ -137,6 +137,7 @@ def main(argv=None) -> None:
         del state
     lm.set_attn_implementation("sdpa")
     os.environ.pop("CSR_NATIVE", None)
+    os.environ.pop("CSR_AMX", None)  # the last method may have turned it off
     # MP coding throughput on real keys of layer 15 (pre-RoPE), the file's dictionary (the default: no extra atoms):
     # the prefill's path (products on AMX where the CPU has it) and torch's products, taking turns, medians of 5.
     from csr_core.dictionary_file import load_dictionary

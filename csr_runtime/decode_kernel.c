@@ -756,9 +756,8 @@ static inline int64_t update_and_argmax16(float *row, int64_t N, const int16_t *
     for (; j + 32 <= N; j += 32) {
         __m512 v0 = _mm512_loadu_ps(row + j), v1 = _mm512_loadu_ps(row + j + 16);
         if (g) {
-            const __m512i q = _mm512_loadu_si512(g + j);
-            const __m512 g0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(q)));
-            const __m512 g1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(q, 1)));
+            const __m512 g0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(g + j))));
+            const __m512 g1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(g + j + 16))));
             v0 = _mm512_fnmadd_ps(cv, g0, v0); /* fused: one rounding (this path is not the torch path's twin) */
             v1 = _mm512_fnmadd_ps(cv, g1, v1);
             _mm512_storeu_ps(row + j, v0);
