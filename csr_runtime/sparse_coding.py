@@ -176,10 +176,9 @@ def sparse_encode(
     FP8): MP then codes each residual against the rounded coefficients. Large calls without autograd on the
     CPU update the scores through the Gram matrix instead of a product per atom (`_mp_gram_batch`; on a CPU with
     Intel AMX the product X Dᵀ too is made in the kernel, `_mp_amx_batch`), smaller ones run in one kernel call
-    (`_mp_direct_batch`); a caller that codes with the same dictionary again soon (a cache:
-    the refinement, the next layer of a merged group) passes a dict as `gram_memo` to keep what they derive from
-    the last dictionary there (its Gram matrix, its transpose, its AMX tiles and int16 Gram matrix; one of each at a time; the caller frees
-    it).
+    (`_mp_direct_batch`); a caller that codes with the same dictionary again soon (a cache: the refinement, the next
+    layer of a merged group) passes a dict as `gram_memo` to keep what they derive from the last dictionary there
+    (its Gram matrix, its transpose, its AMX tiles and int16 Gram matrix; one of each at a time; the caller frees it).
     """
     if method not in _KERNELS:
         raise ValueError(f"method must be one of {sorted(_KERNELS)}, got {method!r}")

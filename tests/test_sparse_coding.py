@@ -138,7 +138,7 @@ def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(round
     assert not sc._gram_pays(x.float(), D.float(), 5, "mp", CoefficientRounding("fp8", 0.25))
 
 
-@pytest.mark.parametrize("N, d", [(260, 20), (512, 64)])  # padded to tiles (N, d not multiples of 32) / not
+@pytest.mark.parametrize("N, d", [(260, 20), (512, 64), (288, 128)])  # padded to tiles or not; d > 64: chunk by chunk
 def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, monkeypatch):
     """On a CPU with Intel AMX the Gram path's product X Dᵀ is made in the kernel from bf16 parts (`_mp_amx_batch`):
     its scores within 2⁻¹⁵ |x| of the float64 ones (s = 1: the coefficient is the top score), its int16 Gram matrix
