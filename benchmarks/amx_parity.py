@@ -11,15 +11,14 @@ the share of vectors whose atoms differ between the two paths (near-ties) and ea
 from __future__ import annotations
 
 import argparse
-import csv
 import os
-from pathlib import Path
 
 import torch
 
 from csr_core.corpus import load_corpus
 from csr_core.dictionary_file import coding_space, load_dictionary
 from csr_core.models import load_model
+from csr_eval.report import write_results
 from csr_runtime import native
 from csr_runtime.code_packing import CoefficientRounding, coefficient_scale
 from csr_runtime.sparse_coding import relative_error, sparse_decode, sparse_encode
@@ -64,20 +63,13 @@ def main(argv=None) -> None:
                          **{f"rel_err_{p.split()[0].lower()}": relative_error(x, sparse_decode(*c, D))
                             for p, c in codes.items()}})
             print(rows[-1], flush=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     lines = [f"MP at s = {args.sparsity}, e3m1 coefficients, {args.tokens} validation tokens of {args.model}, every third "
              "layer: vectors whose atoms differ between the AMX path and torch's products, and each path's relative "
              "error ‖x − x̂‖² / ‖x‖².", "",
              "| layer | kind | vectors | atoms differ | rel. error, AMX | rel. error, torch products |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {r['kind']} | {r['vectors']} | {r['atoms_differ_pct']:.3f} % | {r['rel_err_amx']:.5f} | "
               f"{r['rel_err_torch']:.5f} |" for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(rows, args.output, lines)
 
 
 if __name__ == "__main__":

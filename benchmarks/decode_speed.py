@@ -11,11 +11,9 @@ benchmarks/results/decode_speed.{csv,md}.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
@@ -24,6 +22,7 @@ from csr_core.corpus import load_corpus
 from csr_core.models import load_model, with_cache
 from csr_core.scoring import cache_bytes
 from csr_eval.kivi import KIVICache
+from csr_eval.report import write_results
 from csr_runtime.attention import CSR_ATTENTION
 from csr_runtime.cache import CSRCache
 from csr_runtime.sparse_coding import sparse_encode
@@ -163,12 +162,6 @@ def main(argv=None) -> None:
 
 
 def write_report(rows, mp_rates: dict, same: list, n_atoms: int, args) -> None:
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_suffix(".csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
     lines = [f"Greedy decoding after a prefill of the context, batch 1, fp32, {torch.get_num_threads()} CPU threads: "
              f"{args.rounds} rounds of {args.steps} tokens, the methods taking turns; decode tokens/s is the median "
              f"round, its ratio the median of the per-round ratios to DynamicCache (each round's ratio listed). "
@@ -188,8 +181,7 @@ def write_report(rows, mp_rates: dict, same: list, n_atoms: int, args) -> None:
         base = list(mp_rates.values())
         lines[-1] += (f"; AMX / torch: {base[0] / base[1]:.2f}×, the same atoms for {100 * same[0]:.2f} % of the "
                       f"vectors (the rest: near-ties)")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(rows, args.output, lines)
 
 
 if __name__ == "__main__":
