@@ -602,7 +602,8 @@ void csr_mp_gram(float *scores, int64_t n, int64_t N, const float *gram, int64_t
 /* csr_mp_amx: csr_mp_gram with its product X D^T made here, 16 vectors at a time on the CPU's matrix unit (Intel
    AMX, bf16 tiles with float32 sums), each block's scores (16 x N, in L2) coded at once. float32 products from bf16
    ones ("bf16x3"): x = x_hi + x_lo and d = d_hi + d_lo, each part rounded to bf16, and x.d ~ x_hi.d_hi + x_hi.d_lo +
-   x_lo.d_hi, exact to ~2^-17 of |x| |d| (float32: ~2^-21), so the atoms chosen are float32's but at near-ties.
+   x_lo.d_hi, exact to ~2^-17 of |x| |d| (float32: ~2^-21), so the atoms chosen are float32's but at near-ties;
+   after each atom the scores are updated through the Gram matrix held as int16 (csr_amx_gram, made on the tiles).
    Built where the compiler targets AMX (-march=native on such a CPU); csr_amx_ready asks Linux for the tile state
    (once a process). Atoms packed once per dictionary by csr_amx_pack_atoms: (hi, lo) x (N / 16 blocks of 16 atoms)
    x (k / 32 chunks) x a 16 x 16 x 2 tile, pairs of channels adjacent as the dot-product instruction reads them. */
