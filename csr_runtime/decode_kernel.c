@@ -509,6 +509,19 @@ static inline __attribute__((always_inline)) void update_block(float *row, const
 }
 
 #if defined(__AVX512F__)
+/* The first j where |row[j]| equals top (the row's largest: found by a pass before). */
+static inline int64_t first_match(const float *row, int64_t N, float top) {
+    const __m512 topv = _mm512_set1_ps(top), magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    int64_t j = 0;
+    for (; j + 16 <= N; j += 16) {
+        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(row + j), magnitude), topv, _CMP_EQ_OQ);
+        if (hit) return j + __builtin_ctz(hit);
+    }
+    for (; j < N; j++)
+        if ((row[j] < 0 ? -row[j] : row[j]) == top) return j;
+    return 0; /* only where a score is NaN */
+}
+
 /* row -= c * g (when g is given), then the first j of largest |row[j]|. AVX-512: a pass that updates the row and
    keeps only the running maximum of |row| (two registers, so each max does not wait on the one before), then a
    scan of the row (in L1) for the first j where |row[j]| equals it: 4 vector operations an element instead of the
@@ -534,14 +547,7 @@ static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, f
         const float a = row[t] < 0 ? -row[t] : row[t];
         if (a > top) top = a;
     }
-    const __m512 topv = _mm512_set1_ps(top);
-    for (j = 0; j + 16 <= N; j += 16) {
-        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(row + j), magnitude), topv, _CMP_EQ_OQ);
-        if (hit) return j + __builtin_ctz(hit);
-    }
-    for (; j < N; j++)
-        if ((row[j] < 0 ? -row[j] : row[j]) == top) return j;
-    return 0; /* only where a score is NaN */
+    return first_match(row, N, top);
 }
 #else
 /* row -= c * g (when g is given), then the first j of largest |row[j]|: one pass in 16-float lanes (two or four
@@ -567,14 +573,21 @@ static inline int64_t update_and_argmax(float *row, int64_t N, const float *g, f
 }
 #endif
 
+/* The index of the level nearest to a magnitude: the count of midpoints between levels below it (as
+   torch.bucketize counts them: ties to the lower level). */
+static inline int64_t levels_below(float magnitude, const float *midpoints, int64_t n_levels) {
+    int64_t m = 0;
+    for (int64_t i = 0; i < n_levels - 1; i++) m += midpoints[i] < magnitude;
+    return m;
+}
+
 /* c rounded to the nearest of `levels` times scale (ties to the lower level; the midpoints between levels given),
    as e3m1 is; c itself without levels. */
 static inline float round_to_levels(float c, const float *levels, const float *midpoints, int64_t n_levels,
                                     float scale) {
     if (!levels) return c;
-    const float v = c / scale, magnitude = v < 0 ? -v : v;
-    int64_t m = 0; /* midpoints below the magnitude (as torch.bucketize counts them) */
-    for (int64_t i = 0; i < n_levels - 1; i++) m += midpoints[i] < magnitude;
+    const float v = c / scale;
+    const int64_t m = levels_below(v < 0 ? -v : v, midpoints, n_levels);
     return v < 0 ? -(levels[m] * scale) : levels[m] * scale;
 }
 
@@ -737,19 +750,6 @@ static inline void split_block(const float *x, int64_t rows, int64_t d, int64_t 
    pass reads a row of G from L3 —, its error under 2^-16 of its largest entry, ~the scores' own): as
    update_and_argmax with c * gram_scale times the int16 row, the update fused and |v| maxed in one operation
    (VRANGEPS): 4 vector operations an element besides the conversion. 1.15x faster than float32 rows. */
-/* The first j where |row[j]| equals top (the row's largest: found by a pass before). */
-static inline int64_t first_match(const float *row, int64_t N, float top) {
-    const __m512 topv = _mm512_set1_ps(top), magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    int64_t j = 0;
-    for (; j + 16 <= N; j += 16) {
-        const __mmask16 hit = _mm512_cmp_ps_mask(_mm512_and_ps(_mm512_loadu_ps(row + j), magnitude), topv, _CMP_EQ_OQ);
-        if (hit) return j + __builtin_ctz(hit);
-    }
-    for (; j < N; j++)
-        if ((row[j] < 0 ? -row[j] : row[j]) == top) return j;
-    return 0; /* only where a score is NaN */
-}
-
 static inline int64_t update_and_argmax16(float *row, int64_t N, const int16_t *g, float c) {
     const __m512 cv = _mm512_set1_ps(c);
     __m512 top0 = _mm512_setzero_ps(), top1 = _mm512_setzero_ps();
@@ -867,7 +867,7 @@ int csr_amx_gram(const float *atoms, int64_t N, int64_t d, const uint16_t *packe
    (sign in bit 4, the count of midpoints below |coef / scale| in bits 0-3), field f at bit shift[f] of byte
    byte[f]. idx, coef (n, F), scale (n) -> out (n, nbytes). 0: done; 1: an index >= 2^index_bits. */
 int csr_pack_e3m1(const int64_t *idx, const float *coef, const float *scale, int64_t n, int64_t F, int64_t index_bits,
-                  const int64_t *byte, const int64_t *shift, int64_t nbytes, const float *midpoints, int64_t n_levels,
+                  const int64_t *byte, const int32_t *shift, int64_t nbytes, const float *midpoints, int64_t n_levels,
                   uint8_t *out, int64_t threads) {
     if (nbytes > MAX_CODE_BYTES || 2 * F > 2 * MAX_FIELDS) return 2;
     int bad = 0;
@@ -882,9 +882,8 @@ int csr_pack_e3m1(const int64_t *idx, const float *coef, const float *scale, int
                 bad |= i < 0 || i >> index_bits;
                 v = (uint32_t)i;
             } else {
-                const float c = coef[r * F + f - F], magnitude = (c < 0 ? -c : c) / scale[r];
-                uint32_t m = 0;
-                for (int64_t l = 0; l < n_levels - 1; l++) m += midpoints[l] < magnitude;
+                const float c = coef[r * F + f - F];
+                const uint32_t m = (uint32_t)levels_below((c < 0 ? -c : c) / scale[r], midpoints, n_levels);
                 v = c < 0 && m > 0 ? m + 16 : m;
             }
             const uint32_t w = v << shift[f];

@@ -43,7 +43,7 @@ import torch
 
 from csr_core.code_layout import CodeLayout
 from csr_core.paths import cache_root
-from csr_runtime.code_packing import e3m1_levels, e3m1_values
+from csr_runtime.code_packing import _field_tensors, e3m1_levels, e3m1_values
 
 __all__ = ["PackedCodes", "amx_available", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_amx",
            "mp_direct", "mp_gram", "amx_dictionary", "AmxDictionary", "pack_e3m1", "weighted_values", "workspace"]
@@ -442,9 +442,6 @@ def mp_amx(x: torch.Tensor, dictionary: AmxDictionary, s: int, rounding=None) ->
     return None if failed else (idx, coef)
 
 
-_FIELD_OFFSETS: dict = {}
-
-
 def pack_e3m1(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout,
               scale: float | torch.Tensor = 1.0) -> torch.Tensor | None:
     """`code_packing.pack_codes` for e3m1 codes in one kernel call (the same bytes): idx, coef (n, groups, k) →
@@ -454,10 +451,7 @@ def pack_e3m1(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout,
     if (layout.coef_format != "e3m1" or idx.device.type != "cpu" or (G, k) != (layout.groups, layout.k)
             or layout.nbytes != layout.index_bytes):
         return None
-    if layout not in _FIELD_OFFSETS:
-        byte, shift = layout.field_offsets()
-        _FIELD_OFFSETS[layout] = (torch.tensor(byte, dtype=torch.int64), torch.tensor(shift, dtype=torch.int64))
-    byte, shift = _FIELD_OFFSETS[layout]
+    byte, shift, _ = _field_tensors(layout, idx.device)  # pack_codes' own offsets (int64) and shifts (int32)
     idx, coef = idx.to(torch.int64).contiguous(), coef.float().contiguous()
     scales = (scale.float().reshape(n) if isinstance(scale, torch.Tensor) else torch.full((n,), float(scale))).contiguous()
     out = torch.empty(n, layout.nbytes, dtype=torch.uint8)

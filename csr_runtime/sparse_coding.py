@@ -200,14 +200,13 @@ def sparse_encode(
         chunk_size = max(256, budget // (dictionary.shape[0] * x.element_size()))
     kernel = _KERNELS[method]
     memo = {} if gram_memo is None else gram_memo
-    if _gram_pays(x, dictionary, s, method, quantize) and native.amx_available():
-        # the product in the kernel, on AMX tiles: no chunks, no (n, N) scores; the Gram matrix made there too
-        held = memo.get("amx", (None, None, None))[1]  # the last dictionary's: its memory is reused
-        amx = _memoized(memo, "amx", dictionary, lambda D: native.amx_dictionary(D, reuse=held))
-        coded = None if amx is None else _mp_amx_batch(x, amx, s, quantize)
-        if coded is not None:
-            return coded
     if _gram_pays(x, dictionary, s, method, quantize):
+        if native.amx_available():  # the product in the kernel, on AMX tiles (no (n, N) scores), the Gram matrix too
+            held = memo.get("amx", (None, None, None))[1]  # the last dictionary's: its memory is reused
+            amx = _memoized(memo, "amx", dictionary, lambda D: native.amx_dictionary(D, reuse=held))
+            coded = None if amx is None else _mp_amx_batch(x, amx, s, quantize)
+            if coded is not None:
+                return coded
         gram = _memoized(memo, "gram", dictionary, lambda D: D @ D.T)
         chunk_size = min(chunk_size, _GRAM_CHUNK)
         buffer = x.new_empty(min(x.shape[0], chunk_size), dictionary.shape[0])
