@@ -71,7 +71,7 @@ from csr_runtime.code_packing import (
 from csr_runtime.codebook import Codebook, Sampling
 from csr_runtime.metric import apply as whiten_heads
 from csr_runtime.rope import rope_cos_sin, rotate_into, unrotate
-from csr_runtime.sparse_coding import Method, sparse_decode, sparse_encode, split_chunks
+from csr_runtime.sparse_coding import Method, residual_energy, sparse_decode, sparse_encode, split_chunks
 
 
 @dataclass
@@ -419,18 +419,18 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         s = self.settings
         if s.refine_fraction <= 0:
             return
-        B, H, T, s_n, _ = chunks.shape
+        B, H, T, s_n, w = chunks.shape
         n = T * H * s_n
-        token_major = lambda t: t.transpose(1, 2).reshape(B, n, -1)  # (B, H, T, s_n, ·) → (B, n, ·), rows at once
         codebook = store.codebook
-        shared = codebook.rows_share_atoms()
-        i_tm, c_tm = token_major(idx.view(B, H, T, s_n, k)), token_major(coef.view(B, H, T, s_n, k))
-        x_hat = sparse_decode(i_tm if shared else codebook.batch_index(i_tm), c_tm,
-                              codebook.offline if shared else codebook.batch_table())
-        residual = token_major(chunks) - x_hat
+        # every vector's residual energy in coding order (row, head, token, chunk), then token-major per row
+        x, i_flat, c_flat = chunks.reshape(-1, w), idx.reshape(B, -1, k), coef.reshape(-1, k)
+        table, i_flat = ((codebook.offline, i_flat) if codebook.rows_share_atoms()
+                         else (codebook.batch_table(), codebook.batch_index(i_flat)))
+        i_flat = i_flat.reshape(-1, k)
+        energy = residual_energy(x, i_flat, c_flat, table).view(B, H, T, s_n).transpose(1, 2).reshape(B, n)
         is_real = real.repeat_interleave(H * s_n, dim=1)  # (B, n)
         m = (is_real.sum(1).double() * s.refine_fraction).round().long()  # per row: as the row alone would refine
-        energy = residual.square().sum(-1).masked_fill(~is_real, -1.0)
+        energy = energy.masked_fill(~is_real, -1.0)
         worst = energy.topk(int(m.max()), dim=1).indices  # (B, max m), worst first
         chosen = torch.arange(worst.shape[1], device=self.device)[None] < m[:, None]
         worst = torch.where(chosen, worst, n).sort(dim=1).values  # each row's refined vectors in their order
@@ -440,7 +440,11 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         self.stats["vectors_refined"] += int(m.sum())
         codes = torch.zeros(0, store.refine_layout.nbytes, dtype=torch.uint8, device=self.device)
         if len(rows):
-            coded = self._encode_each_row(store, list(residual[rows, where].split(m.tolist())), s.refine_atoms)
+            # token-major position (token, head, chunk) → the vector's place in coding order; only these are decoded
+            token, head, part = where // (H * s_n), where // s_n % H, where % s_n
+            at = ((rows * H + head) * T + token) * s_n + part
+            residual = x[at] - sparse_decode(i_flat[at], c_flat[at], table)
+            coded = self._encode_each_row(store, list(residual.split(m.tolist())), s.refine_atoms)
             r_idx, r_coef = torch.cat([i for i, _ in coded]), torch.cat([c for _, c in coded])
             codes = _pack(r_idx[:, None], r_coef[:, None], store.refine_layout, store.scale[rows][:, None, None])
         before = self.n_coded * H * s_n

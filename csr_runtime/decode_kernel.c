@@ -665,19 +665,24 @@ int csr_amx_ready(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOM
 /* The 16 x Np scores of one block of rows, hi/lo parts of its vectors in xh, xl (16 x dp bf16 each). Tiles: 0, 1
    the vectors' hi parts of two 32-channel chunks, 2, 3 their lo parts (held for the whole block where d <= 64,
    else one chunk at a time in 0, 2); 6, 7 two blocks of atoms' hi, then lo parts; 4, 5 the two blocks' sums (two
-   chains, so each product need not wait on the one before). */
+   chains, so each product need not wait on the one before). `terms`: 3 (bf16x3), 2 (d_lo = 0: no x_hi.d_lo), 1
+   (x_lo = d_lo = 0: x_hi.d_hi alone). */
 #define CHUNK_PRODUCTS(AH, AL, b0, b1)                                                                              \
     do {                                                                                                           \
         _tile_loadd(6, b0, 64);                                                                                    \
         _tile_loadd(7, b1, 64);                                                                                    \
-        _tile_dpbf16ps(4, AL, 6); /* x_lo . d_hi */                                                                \
-        _tile_dpbf16ps(5, AL, 7);                                                                                  \
+        if (terms > 1) {                                                                                           \
+            _tile_dpbf16ps(4, AL, 6); /* x_lo . d_hi */                                                            \
+            _tile_dpbf16ps(5, AL, 7);                                                                              \
+        }                                                                                                          \
         _tile_dpbf16ps(4, AH, 6); /* x_hi . d_hi */                                                                \
         _tile_dpbf16ps(5, AH, 7);                                                                                  \
-        _tile_loadd(6, (b0) + half, 64);                                                                           \
-        _tile_loadd(7, (b1) + half, 64);                                                                           \
-        _tile_dpbf16ps(4, AH, 6); /* x_hi . d_lo */                                                                \
-        _tile_dpbf16ps(5, AH, 7);                                                                                  \
+        if (terms > 2) {                                                                                           \
+            _tile_loadd(6, (b0) + half, 64);                                                                       \
+            _tile_loadd(7, (b1) + half, 64);                                                                       \
+            _tile_dpbf16ps(4, AH, 6); /* x_hi . d_lo */                                                            \
+            _tile_dpbf16ps(5, AH, 7);                                                                              \
+        }                                                                                                          \
     } while (0)
 
 /* The largest |score| of each of the block's rows over 32 columns at j (stored by the tiles): top[i] = max(top[i], ...). */
@@ -689,7 +694,7 @@ static inline void keep_top(const float *scores, int64_t stride, int64_t j, __m5
 }
 
 static void block_scores(const uint16_t *xh, const uint16_t *xl, int64_t dp, const uint16_t *packed, int64_t Np,
-                         float *scores, int64_t stride, float *row_top) {
+                         int terms, float *scores, int64_t stride, float *row_top) {
     const int64_t kc = dp / AMX_K, half = Np * dp;
     __m512 top[AMX_ROWS];
     for (int i = 0; i < AMX_ROWS; i++) top[i] = _mm512_setzero_ps();
@@ -779,9 +784,9 @@ static inline int64_t update_and_argmax16(float *row, int64_t N, const int16_t *
 /* Over the blocks of 16 rows of x (n, d): the block's scores X D^T on the tiles, then either matching pursuit of
    each row through the int16 Gram matrix (idx, coef given) or, for the Gram matrix itself (x = the atoms), the rows
    as int16 into gram_out. 0: done; 1: no memory for a thread's buffers. */
-static int amx_blocks(const float *x, int64_t n, int64_t d, const uint16_t *packed, int64_t N, const int16_t *gram,
-                      float gram_scale, int16_t *gram_out, int64_t s, int64_t *idx, float *coef, const float *levels,
-                      const float *midpoints, int64_t n_levels, float scale, int64_t threads) {
+static int amx_blocks(const float *x, int64_t n, int64_t d, const uint16_t *packed, int64_t N, int terms,
+                      const int16_t *gram, float gram_scale, int16_t *gram_out, int64_t s, int64_t *idx, float *coef,
+                      const float *levels, const float *midpoints, int64_t n_levels, float scale, int64_t threads) {
     const int64_t dp = round_up(d, AMX_K), Np = round_up(N, 2 * 16), blocks = (n + AMX_ROWS - 1) / AMX_ROWS;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -802,7 +807,7 @@ static int amx_blocks(const float *x, int64_t n, int64_t d, const uint16_t *pack
             const int64_t r0 = b * AMX_ROWS, rows = n - r0 < AMX_ROWS ? n - r0 : AMX_ROWS;
             split_block(x + r0 * d, rows, d, dp, xh, xl);
             float row_top[AMX_ROWS]; /* each row's largest |score| (padding columns are 0: never above it) */
-            block_scores(xh, xl, dp, packed, Np, scores, stride, row_top);
+            block_scores(xh, xl, dp, packed, Np, terms, scores, stride, row_top);
             for (int64_t i = 0; i < rows; i++) {
                 float *row = scores + i * stride;
                 if (gram_out) { /* to the nearest int16 (ties to even), saturated */
@@ -837,27 +842,28 @@ static int amx_blocks(const float *x, int64_t n, int64_t d, const uint16_t *pack
 }
 
 /* x (n, d) float32 -> idx, coef (n, s) as csr_mp_gram over X D^T, through `gram` from csr_amx_gram. */
-int csr_mp_amx(const float *x, int64_t n, int64_t d, const uint16_t *packed, int64_t N, const int16_t *gram,
-               float gram_scale, int64_t s, int64_t *idx, float *coef, const float *levels, const float *midpoints,
-               int64_t n_levels, float scale, int64_t threads) {
-    return amx_blocks(x, n, d, packed, N, gram, gram_scale, 0, s, idx, coef, levels, midpoints, n_levels, scale,
-                      threads);
+int csr_mp_amx(const float *x, int64_t n, int64_t d, const uint16_t *packed, int64_t N, int64_t atoms_bf16,
+               const int16_t *gram, float gram_scale, int64_t s, int64_t *idx, float *coef, const float *levels,
+               const float *midpoints, int64_t n_levels, float scale, int64_t threads) {
+    return amx_blocks(x, n, d, packed, N, atoms_bf16 ? 2 : 3, gram, gram_scale, 0, s, idx, coef, levels, midpoints,
+                      n_levels, scale, threads);
 }
 
-/* The Gram matrix D D^T (N, N) of the atoms (N, d) as int16, G ~ gram_scale * gram, on the tiles (bf16x3). */
-int csr_amx_gram(const float *atoms, int64_t N, int64_t d, const uint16_t *packed, int16_t *gram, float gram_scale,
-                 int64_t threads) {
-    return amx_blocks(atoms, N, d, packed, N, 0, gram_scale, gram, 0, 0, 0, 0, 0, 0, 1.0f, threads);
+/* The Gram matrix D D^T (N, N) of the atoms (N, d) as int16, G ~ gram_scale * gram, on the tiles (bf16x3, one
+   product where the atoms are bf16 values). */
+int csr_amx_gram(const float *atoms, int64_t N, int64_t d, const uint16_t *packed, int64_t atoms_bf16, int16_t *gram,
+                 float gram_scale, int64_t threads) {
+    return amx_blocks(atoms, N, d, packed, N, atoms_bf16 ? 1 : 3, 0, gram_scale, gram, 0, 0, 0, 0, 0, 0, 1.0f, threads);
 }
 #else
 int csr_amx_ready(void) { return 0; }
-int csr_mp_amx(const float *x, int64_t n, int64_t d, const uint16_t *packed, int64_t N, const int16_t *gram,
-               float gram_scale, int64_t s, int64_t *idx, float *coef, const float *levels, const float *midpoints,
-               int64_t n_levels, float scale, int64_t threads) {
+int csr_mp_amx(const float *x, int64_t n, int64_t d, const uint16_t *packed, int64_t N, int64_t atoms_bf16,
+               const int16_t *gram, float gram_scale, int64_t s, int64_t *idx, float *coef, const float *levels,
+               const float *midpoints, int64_t n_levels, float scale, int64_t threads) {
     return 1;
 }
-int csr_amx_gram(const float *atoms, int64_t N, int64_t d, const uint16_t *packed, int16_t *gram, float gram_scale,
-                 int64_t threads) {
+int csr_amx_gram(const float *atoms, int64_t N, int64_t d, const uint16_t *packed, int64_t atoms_bf16, int16_t *gram,
+                 float gram_scale, int64_t threads) {
     return 1;
 }
 #endif
@@ -894,6 +900,32 @@ int csr_pack_e3m1(const int64_t *idx, const float *coef, const float *scale, int
         memcpy(out + r * nbytes, code, (size_t)nbytes);
     }
     return bad;
+}
+
+/* Residual energies of coded vectors (the refinement's ranking: sparse_coding.residual_energy): out[i] =
+   ||x_i - sum_g coef[i, g] atoms[idx[i, g]]||^2, the sum decoded first as the torch path does, RESIDUAL_SPAN channels
+   at a time. x (n, d), idx, coef (n, s), atoms (N, d) -> out (n). */
+enum { RESIDUAL_SPAN = 256 };
+
+void csr_residual_energy(const float *x, int64_t n, int64_t d, const int64_t *idx, const float *coef, int64_t s,
+                         const float *atoms, float *out, int64_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float decoded[RESIDUAL_SPAN], energy = 0.0f;
+        for (int64_t k0 = 0; k0 < d; k0 += RESIDUAL_SPAN) {
+            const int64_t span = d - k0 < RESIDUAL_SPAN ? d - k0 : RESIDUAL_SPAN;
+            for (int64_t k = 0; k < span; k++) decoded[k] = 0.0f;
+            for (int64_t g = 0; g < s; g++) {
+                const float c = coef[i * s + g], *atom = atoms + idx[i * s + g] * d + k0;
+                for (int64_t k = 0; k < span; k++) decoded[k] += c * atom[k];
+            }
+            for (int64_t k = 0; k < span; k++) {
+                const float r = x[i * d + k0 + k] - decoded[k];
+                energy += r * r;
+            }
+        }
+        out[i] = energy;
+    }
 }
 
 /* Matching pursuit of a few rows without the Gram matrix (a decode step's new tokens: too few to pay for it): per

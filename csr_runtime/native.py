@@ -13,6 +13,7 @@
   float32 sums of three bf16 products), 16 vectors at a time, each block's scores coded while they are in L2,
   through an int16 Gram matrix (made on the tiles too, `amx_dictionary`).
 - `pack_e3m1`: a coding call's codes packed into their bytes (`code_packing.pack_codes`' ~10 tensor operations).
+- `residual_energy`: ‖x − x̂‖² of coded vectors, for the refinement's ranking, without storing x̂ or x − x̂.
 - `mp_direct`: matching pursuit of a few vectors (a decode step's), every score computed in registers, four
   vectors sharing each load of the atoms: a call of 24 vectors took ~60 tensor operations on the torch path.
 
@@ -46,7 +47,8 @@ from csr_core.paths import cache_root
 from csr_runtime.code_packing import _field_tensors, e3m1_levels, e3m1_values
 
 __all__ = ["PackedCodes", "amx_available", "applies", "available", "decode_into", "find_compiler", "key_scores", "mp_amx",
-           "mp_direct", "mp_gram", "amx_dictionary", "AmxDictionary", "pack_e3m1", "weighted_values", "workspace"]
+           "mp_direct", "mp_gram", "amx_dictionary", "AmxDictionary", "pack_e3m1", "residual_energy", "weighted_values",
+           "workspace"]
 
 _SOURCE = Path(__file__).with_name("decode_kernel.c")
 _FORMATS = {"fp16": 0, "fp8": 1, "int8": 2, "e3m1": 3}
@@ -127,16 +129,18 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.csr_instance.restype = None
     lib.csr_instance.argtypes = [ptr]
     lib.csr_mp_amx.restype = ctypes.c_int
-    lib.csr_mp_amx.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_float, i64, ptr, ptr, ptr, ptr, i64,
+    lib.csr_mp_amx.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ctypes.c_float, i64, ptr, ptr, ptr, ptr, i64,
                                ctypes.c_float, i64]
     lib.csr_amx_gram.restype = ctypes.c_int
-    lib.csr_amx_gram.argtypes = [ptr, i64, i64, ptr, ptr, ctypes.c_float, i64]
+    lib.csr_amx_gram.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_float, i64]
     lib.csr_amx_pack_atoms.restype = None
     lib.csr_amx_pack_atoms.argtypes = [ptr, i64, i64, ptr]
     lib.csr_amx_ready.restype = ctypes.c_int
     lib.csr_pack_e3m1.restype = ctypes.c_int
     lib.csr_pack_e3m1.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64]
     lib.csr_mp_direct.restype = None
+    lib.csr_residual_energy.restype = None
+    lib.csr_residual_energy.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64]
     lib.csr_mp_direct.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     return lib
 
@@ -394,11 +398,14 @@ def amx_available() -> bool:
 class AmxDictionary:
     """A dictionary as `mp_amx` reads it: its atoms (N, d) in bf16 hi and lo parts laid out as tiles, N and d padded
     with zeros to multiples of 32 (decode_kernel.c, csr_amx_pack_atoms), and its Gram matrix D Dᵀ as int16,
-    G ≈ gram_scale · gram (half the bytes of float32; its error under 2⁻¹⁶ of max ‖d_i‖²)."""
+    G ≈ gram_scale · gram (half the bytes of float32; its error under 2⁻¹⁶ of max ‖d_i‖²). `atoms_bf16`: every atom
+    value is a bf16 value (lo parts zero, as `neuraldict` exports them): the kernel then makes two bf16 products where
+    it made three, with the same result."""
 
     packed: torch.Tensor
     gram: torch.Tensor
     gram_scale: float
+    atoms_bf16: bool
 
     @property
     def n_atoms(self) -> int:
@@ -415,12 +422,13 @@ def amx_dictionary(dictionary: torch.Tensor, reuse: AmxDictionary | None = None)
     fits = reuse is not None and reuse.packed.numel() == size and reuse.n_atoms == N
     packed = reuse.packed if fits else torch.empty(size, dtype=torch.int16)
     _library.csr_amx_pack_atoms(_ptr(atoms), N, d, _ptr(packed))
+    atoms_bf16 = not bool(packed[size // 2 :].any())  # no lo part: the atoms are bf16 values
     gram_scale = float(atoms.square().sum(1).max()) * (1 + 2**-10) / 32767  # |G_ij| <= max ‖d_i‖²
     gram = reuse.gram if fits else torch.empty(N, N, dtype=torch.int16)
-    if gram_scale == 0 or _library.csr_amx_gram(_ptr(atoms), N, d, _ptr(packed), _ptr(gram), gram_scale,
+    if gram_scale == 0 or _library.csr_amx_gram(_ptr(atoms), N, d, _ptr(packed), atoms_bf16, _ptr(gram), gram_scale,
                                                 torch.get_num_threads()):
         return None
-    return AmxDictionary(packed, gram, gram_scale)
+    return AmxDictionary(packed, gram, gram_scale, atoms_bf16)
 
 
 def mp_amx(x: torch.Tensor, dictionary: AmxDictionary, s: int, rounding=None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -436,7 +444,7 @@ def mp_amx(x: torch.Tensor, dictionary: AmxDictionary, s: int, rounding=None) ->
     idx, coef = torch.empty(n, s, dtype=torch.int64), torch.empty(n, s, dtype=torch.float32)
     levels, midpoints = _levels(rounding, "mp_amx")
     failed = _library.csr_mp_amx(_ptr(x), n, x.shape[1], _ptr(dictionary.packed), dictionary.n_atoms,
-                                 _ptr(dictionary.gram), dictionary.gram_scale, s, _ptr(idx), _ptr(coef), _ptr(levels),
+                                 dictionary.atoms_bf16, _ptr(dictionary.gram), dictionary.gram_scale, s, _ptr(idx), _ptr(coef), _ptr(levels),
                                  _ptr(midpoints), 0 if levels is None else len(levels),
                                  1.0 if rounding is None else rounding.scale, torch.get_num_threads())
     return None if failed else (idx, coef)
@@ -462,6 +470,20 @@ def pack_e3m1(idx: torch.Tensor, coef: torch.Tensor, layout: CodeLayout,
     if status == 1:
         raise ValueError(f"index {int(idx.max())} does not fit in index_bits = {layout.index_bits}")
     return out if status == 0 else None
+
+
+def residual_energy(x: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, atoms: torch.Tensor) -> torch.Tensor:
+    """‖x − Σ_g coef_g · atoms[idx_g]‖² of every row in one pass: x (n, d), idx, coef (n, s), atoms (N, d), float32 on
+    the CPU → (n,) float32. The caller checks `available()`."""
+    n, d = x.shape
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= atoms.shape[0]):
+        raise ValueError(f"indices must lie in [0, {atoms.shape[0]}), got {int(idx.min())}..{int(idx.max())}")
+    x, atoms = x.float().contiguous(), atoms.float().contiguous()
+    idx, coef = idx.to(torch.int64).contiguous(), coef.float().contiguous()
+    out = torch.empty(n, dtype=torch.float32)
+    _library.csr_residual_energy(_ptr(x), n, d, _ptr(idx), _ptr(coef), idx.shape[1], _ptr(atoms), _ptr(out),
+                                 torch.get_num_threads())
+    return out
 
 
 def mp_direct(x: torch.Tensor, atoms_t: torch.Tensor, s: int, rounding=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,6 +244,14 @@ def sparse_decode(idx: torch.Tensor, coef: torch.Tensor, dictionary: torch.Tenso
     return out.view(*idx.shape[:-1], dictionary.shape[-1])
 
 
+def residual_energy(x: torch.Tensor, idx: torch.Tensor, coef: torch.Tensor, dictionary: torch.Tensor) -> torch.Tensor:
+    """‖x − Σ_g coef_g · D[idx_g]‖² of every row: x (n, d), idx, coef (n, s) → (n,) in x.dtype. On the CPU in one
+    kernel pass (`native.residual_energy`: no (n, d) decode or residual is stored), else as `sparse_decode`."""
+    if native.available() and x.device.type == "cpu" and x.dtype == dictionary.dtype == torch.float32:
+        return native.residual_energy(x, idx, coef, dictionary)
+    return (x - sparse_decode(idx, coef, dictionary).to(x.dtype)).square().sum(-1)
+
+
 def relative_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Σ‖x − x̂‖² / Σ‖x‖² over all rows, the error every report in this project uses."""
     x64 = x.double()

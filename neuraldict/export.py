@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csr_core.dictionary_file import KINDS, DictionaryFile, KindDictionaries, ModelFingerprint, save_dictionary
+from csr_core.dictionary_file import KINDS, DictionaryFile, KindDictionaries, ModelFingerprint, bf16_atoms, save_dictionary
 
 CHECKPOINT_KEY = "csr_structure"  # what a NeuralDict checkpoint stores besides its weights
 WHITENING_KEY = "csr_whitening"  # kind → (A, A⁻¹) of the attention metric, where the dictionaries were trained on A x
@@ -27,8 +27,8 @@ def structure_dictionary(
         s = structure[kind]
         n_groups = max(s["layer_to_group"]) + 1
         tensors = [atoms[f"{kind}/group_{g}"].detach().cpu().double() for g in range(n_groups)]
-        # float64 normalisation, so the float32 rows are unit-norm to rounding
-        tensors = [torch.nn.functional.normalize(t, dim=-1).float().numpy().astype(np.float32) for t in tensors]
+        # float64 normalisation, then bf16 values of unit norm (`bf16_atoms`: exact scores from two bf16 products)
+        tensors = [bf16_atoms(torch.nn.functional.normalize(t, dim=-1).float().numpy()) for t in tensors]
         A, A_inv = (t.float().numpy() for t in whitening[kind]) if kind in whitening else (None, None)
         kinds[kind] = KindDictionaries(s_n=s["s_n"], sparsity=s["sparsity"], layer_to_group=s["layer_to_group"], atoms=tensors,
                                        metric=s.get("metric", "l2"), whiten=A, unwhiten=A_inv,

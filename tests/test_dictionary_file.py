@@ -11,6 +11,7 @@ from csr_core.dictionary_file import (
     DictionaryFile,
     KindDictionaries,
     ModelFingerprint,
+    bf16_atoms,
     load_dictionary,
     save_dictionary,
 )
@@ -69,6 +70,7 @@ def _rewrite(path, *, tensors=None, meta_edit=None, drop_meta=False):
         (dict(tensors=lambda t: t.update({"keys/group_0": unit_rows(15, 8, 0)})), "n_atoms\\[0\\] = 16 but tensor"),
         (dict(tensors=lambda t: t["values/group_0"].__setitem__((3, 1), np.nan)), "non-finite"),
         (dict(tensors=lambda t: t["values/group_0"].__setitem__(5, 0.0)), "atom 5 has norm 0"),
+        (dict(tensors=lambda t: t["values/group_0"].__setitem__(5, t["values/group_0"][5] * 1.006)), "atom 5 has norm 1.006"),
         (dict(meta_edit=lambda m: m["values"].update(layer_to_group=[0, 0])), "has 2 entries, model.n_layers is 3"),
         (dict(meta_edit=lambda m: m["keys"].update(layer_to_group=[0, 2, 1])), "names groups \\[2\\]"),
         (dict(meta_edit=lambda m: m["values"].update(s_n=3)), "s_n = 3 must be a positive divisor of head_dim = 8"),
@@ -153,3 +155,20 @@ def test_the_command_a_model_mismatch_suggests_parses(tmp_path):
                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-2000:]
     assert "model: some/model" in run.stdout
+
+
+def test_bf16_atoms_are_the_nearest_bf16_values_and_stay_unit_norm(tmp_path):
+    """What neuraldict exports: each entry rounded to bf16 (nearest, ties to even: torch's rounding), idempotent, rows
+    within the file's norm tolerance (2⁻⁸ at worst), so the file writes and reads them back unchanged."""
+    torch = pytest.importorskip("torch")
+    a = unit_rows(500, 64, 3)
+    a[0, :3] = [1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -(2.0**-130)]  # ties (to even: down, up) and a subnormal
+    rounded = bf16_atoms(a)
+    assert rounded.dtype == np.float32 and rounded.shape == a.shape
+    np.testing.assert_array_equal(rounded, torch.from_numpy(a).to(torch.bfloat16).float().numpy())
+    np.testing.assert_array_equal(bf16_atoms(rounded), rounded)
+    unit = bf16_atoms(unit_rows(2000, 64, 4))
+    assert np.abs(np.linalg.norm(unit.astype(np.float64), axis=1) - 1).max() <= 2.0**-8
+    d = make_dictionary()
+    d.keys.atoms = [bf16_atoms(x) for x in d.keys.atoms]
+    np.testing.assert_array_equal(load_dictionary(save_dictionary(tmp_path / "d.safetensors", d)).keys.atoms[1], d.keys.atoms[1])

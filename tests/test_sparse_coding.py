@@ -3,7 +3,8 @@ import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp
 
-from csr_runtime.sparse_coding import relative_error, sparse_decode, sparse_encode, split_chunks
+from csr_core.dictionary_file import bf16_atoms
+from csr_runtime.sparse_coding import relative_error, residual_energy, sparse_decode, sparse_encode, split_chunks
 
 
 def unit_dictionary(n_atoms, d, *, seed=0, dtype=torch.float64):
@@ -138,12 +139,14 @@ def test_large_mp_calls_through_the_gram_matrix_choose_the_reference_atoms(round
     assert not sc._gram_pays(x.float(), D.float(), 5, "mp", CoefficientRounding("fp8", 0.25))
 
 
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32-atoms", "bf16-atoms"])
 @pytest.mark.parametrize("N, d", [(260, 20), (512, 64), (288, 128)])  # padded to tiles or not; d > 64: chunk by chunk
-def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, monkeypatch):
+def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, bf16, monkeypatch):
     """On a CPU with Intel AMX the Gram path's product X Dᵀ is made in the kernel from bf16 parts (`_mp_amx_batch`):
     its scores within 2⁻¹⁵ |x| of the float64 ones (s = 1: the coefficient is the top score), its int16 Gram matrix
     within 2⁻¹⁵, and the same atoms and coefficients as the paper's loop in float64 but at near-ties (of 700 × 4 choices, at most 3 rows differ, each
-    where its two atoms' float64 scores are within 10⁻⁴ |x|)."""
+    where its two atoms' float64 scores are within 10⁻⁴ |x|). Atoms that are bf16 values (as neuraldict exports
+    them) take two bf16 products instead of three, to the same precision."""
     import csr_runtime.sparse_coding as sc
     from csr_runtime import native
     from csr_runtime.code_packing import CoefficientRounding
@@ -151,6 +154,8 @@ def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, monkeypatch):
     if not native.amx_available():
         pytest.skip("this CPU has no Intel AMX (or the kernel was not built for it): the Gram path's product is torch's")
     D = unit_dictionary(N, d, seed=11)
+    if bf16:
+        D = torch.from_numpy(bf16_atoms(D.float().numpy())).double()
     x = torch.randn(700, d, dtype=torch.float64, generator=torch.Generator().manual_seed(12)) * 3
     taken = []
     amx_batch = sc._mp_amx_batch
@@ -161,6 +166,7 @@ def test_large_mp_calls_on_amx_choose_the_reference_atoms(N, d, monkeypatch):
     idx, coef = sparse_encode(x.float(), D.float(), s=4, gram_memo=memo, quantize=CoefficientRounding("e3m1", 0.25))
     amx = memo["amx"][1]
     assert taken == [700] and amx.packed.numel() == 2 * (-(-N // 32) * 32) * (-(-d // 32) * 32)
+    assert amx.atoms_bf16 == bf16
     # its Gram matrix, made on the tiles as int16: within 2⁻¹⁶ of the largest entry (plus bf16x3's error)
     np.testing.assert_allclose(amx.gram.double().numpy() * amx.gram_scale, (D @ D.T).numpy(), atol=2**-15, rtol=0)
     ref_idx, ref_coef = sc._mp_batch(x, D, 4, CoefficientRounding("e3m1", 0.25))
@@ -233,3 +239,24 @@ def test_a_gram_memo_keeps_the_last_dictionarys_gram_matrix_until_it_changes(amx
     sparse_encode(x, D, s=4, gram_memo=memo)
     assert memo[name][1] is not gram
     torch.testing.assert_close(as_float(memo[name][1]), (D @ D.T).double(), atol=2**-14, rtol=0)
+
+
+@pytest.mark.parametrize("native_path", ["1", "0"])
+@pytest.mark.parametrize("d", [20, 64, 300])  # 300: more channels than the kernel's span of 256
+def test_residual_energy_is_the_squared_error_of_the_decoded_codes(d, native_path, monkeypatch):
+    """The refinement ranks vectors by ‖x − Σ coef · D[idx]‖²: in one kernel pass on the CPU, as the decode otherwise."""
+    monkeypatch.setenv("CSR_NATIVE", native_path)
+    g = torch.Generator().manual_seed(5)
+    D, x = unit_dictionary(50, d, seed=6).float(), torch.randn(300, d, generator=g)
+    idx, coef = torch.randint(0, 50, (300, 3), generator=g), torch.randn(300, 3, generator=g)
+    expected = (x.double() - sparse_decode(idx, coef.double(), D.double())).square().sum(-1)
+    np.testing.assert_allclose(residual_energy(x, idx, coef, D).double().numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_native_residual_energy_refuses_indices_outside_the_dictionary():
+    from csr_runtime import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the torch path serves residual_energy")
+    with pytest.raises(ValueError, match="indices must lie in"):
+        native.residual_energy(torch.zeros(2, 4), torch.tensor([[0], [4]]), torch.ones(2, 1), torch.eye(4))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from csr_core.dictionary_file import load_dictionary
+from csr_core.dictionary_file import bf16_atoms, load_dictionary
 from csr_core.models import load_model, model_fingerprint
 from neuraldict.merge import divergence_matrix, group_layers
 from neuraldict.training import NeuralDict, diversity_loss, neuraldict_loss, run_lightning_cli
@@ -154,6 +154,8 @@ def test_fit_exports_a_loadable_dictionary_and_resumes(tiny_model_dir, other_tin
     dictionary = load_dictionary(path, model=model_fingerprint(lm, str(tiny_model_dir)))
     assert len(dictionary.keys.layer_to_group) == 3 and dictionary.values.s_n == 1  # configs/llama.yaml
     assert dictionary.keys.atoms[0].shape == (32, 16) and dictionary.values.atoms[0].shape == (32, 16)
+    for atoms in dictionary.keys.atoms + dictionary.values.atoms:  # exported as bf16 values (two AMX products, not 3)
+        np.testing.assert_array_equal(bf16_atoms(atoms), atoms)
     curve = dictionary.values.error_curve  # held-out error after 0..12 atoms: what runtimes allocate budgets with
     assert curve.shape == (3, 13) and (np.diff(curve, axis=1) <= 1e-6).all() and (curve[:, 12] < 0.5 * curve[:, 0]).all()
     for kind in ("keys", "values"):  # measured on the model after training: weighs the curves at run time
