@@ -41,7 +41,7 @@ from mlx_backend.code_packing import (
 from mlx_backend.codebook import Codebook
 from mlx_backend.metric import apply as whiten_heads
 from mlx_backend.rope import rotate, unrotate
-from mlx_backend.sparse_coding import sparse_decode, sparse_encode, split_chunks
+from mlx_backend.sparse_coding import residual_energy, sparse_decode, sparse_encode, split_chunks
 
 
 @dataclass
@@ -320,15 +320,15 @@ class CSRKVCache:
         with their codes) get `refine_atoms` more atoms. → (n,) bool flags, (m, nbytes) packed extra codes."""
         s = self.settings
         row = store.codebook.row(b)
-        residual = x - sparse_decode(idx, coef, row)
         m = round(s.refine_fraction * x.shape[0])
-        worst = np.sort(np.argsort(-np.array((residual**2).sum(-1)), kind="stable")[:m])
+        worst = np.sort(np.argsort(-np.array(residual_energy(x, idx, coef, row)), kind="stable")[:m])
         flags = np.zeros(x.shape[0], dtype=bool)
         flags[worst] = True
         self.stats["vectors_refined"] += m
         if m == 0:
             return mx.array(flags), mx.zeros((0, store.refine_layout.nbytes), dtype=mx.uint8)
-        ri, rc = sparse_encode(residual[mx.array(worst.astype(np.int32))], row, s=s.refine_atoms,
+        chosen = mx.array(worst.astype(np.int32))  # only the refined vectors' residuals are decoded
+        ri, rc = sparse_encode(x[chosen] - sparse_decode(idx[chosen], coef[chosen], row), row, s=s.refine_atoms,
                                quantize=store.quantizer(b))
         return mx.array(flags), pack_codes(ri[:, None], rc[:, None], store.refine_layout, scale=store.scale[b])
 

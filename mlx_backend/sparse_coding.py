@@ -72,6 +72,11 @@ def sparse_decode(idx: mx.array, coef: mx.array, dictionary: mx.array) -> mx.arr
     return (coef.astype(dictionary.dtype)[..., None] * dictionary[idx]).sum(axis=-2)
 
 
+def residual_energy(x: mx.array, idx: mx.array, coef: mx.array, dictionary: mx.array) -> mx.array:
+    """‖x − Σ_g coef_g · D[idx_g]‖² of every row: x (n, d), idx, coef (n, s) → (n,) (the refinement's ranking)."""
+    return ((x - sparse_decode(idx, coef, dictionary)) ** 2).sum(-1)
+
+
 def split_chunks(x: mx.array, s_n: int) -> mx.array:
     """(..., d_h) → (..., s_n, d_h / s_n)."""
     if x.shape[-1] % s_n:
