@@ -58,7 +58,7 @@ def _rounding(x: torch.Tensor) -> CoefficientRounding:
     return CoefficientRounding("e3m1", coefficient_scale("e3m1", float(x.norm(dim=-1).max())))
 
 
-def _median_ms(f, repeats: int = 10) -> float:
+def _mean_ms(f, repeats: int = 10) -> float:
     started = time.perf_counter()
     for _ in range(repeats):
         f()
@@ -84,9 +84,9 @@ def speed_rows(kv: dict, dictionary, args) -> list[dict]:
                 torch.set_num_threads(threads)
                 for s in (1, args.sparsity):
                     times.setdefault((name, f"MP, s = {s}", threads), []).append(
-                        _median_ms(lambda: native.mp_amx(x, amx, s, rounding)))
+                        _mean_ms(lambda: native.mp_amx(x, amx, s, rounding)))
             torch.set_num_threads(2)
-            times.setdefault((name, "Gram matrix", 2), []).append(_median_ms(
+            times.setdefault((name, "Gram matrix", 2), []).append(_mean_ms(
                 lambda: native._library.csr_amx_gram(native._ptr(atoms), atoms.shape[0], atoms.shape[1],
                                                      native._ptr(amx.packed), amx.atoms_bf16, native._ptr(amx.gram),
                                                      amx.gram_scale, 2)))

@@ -423,10 +423,10 @@ class CSRLayer(BatchRowsMixin, CacheLayerMixin):
         n = T * H * s_n
         codebook = store.codebook
         # every vector's residual energy in coding order (row, head, token, chunk), then token-major per row
-        x, i_flat, c_flat = chunks.reshape(-1, w), idx.reshape(B, -1, k), coef.reshape(-1, k)
-        table, i_flat = ((codebook.offline, i_flat) if codebook.rows_share_atoms()
-                         else (codebook.batch_table(), codebook.batch_index(i_flat)))
-        i_flat = i_flat.reshape(-1, k)
+        x, i_rows, c_flat = chunks.reshape(-1, w), idx.reshape(B, -1, k), coef.reshape(-1, k)
+        shared = codebook.rows_share_atoms()
+        table = codebook.offline if shared else codebook.batch_table()
+        i_flat = (i_rows if shared else codebook.batch_index(i_rows)).reshape(-1, k)  # into `table`
         energy = residual_energy(x, i_flat, c_flat, table).view(B, H, T, s_n).transpose(1, 2).reshape(B, n)
         is_real = real.repeat_interleave(H * s_n, dim=1)  # (B, n)
         m = (is_real.sum(1).double() * s.refine_fraction).round().long()  # per row: as the row alone would refine

@@ -139,9 +139,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.csr_pack_e3m1.restype = ctypes.c_int
     lib.csr_pack_e3m1.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, i64]
     lib.csr_mp_direct.restype = None
+    lib.csr_mp_direct.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     lib.csr_residual_energy.restype = None
     lib.csr_residual_energy.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ptr, i64]
-    lib.csr_mp_direct.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, ctypes.c_float, i64]
     return lib
 
 
@@ -444,8 +444,8 @@ def mp_amx(x: torch.Tensor, dictionary: AmxDictionary, s: int, rounding=None) ->
     idx, coef = torch.empty(n, s, dtype=torch.int64), torch.empty(n, s, dtype=torch.float32)
     levels, midpoints = _levels(rounding, "mp_amx")
     failed = _library.csr_mp_amx(_ptr(x), n, x.shape[1], _ptr(dictionary.packed), dictionary.n_atoms,
-                                 dictionary.atoms_bf16, _ptr(dictionary.gram), dictionary.gram_scale, s, _ptr(idx), _ptr(coef), _ptr(levels),
-                                 _ptr(midpoints), 0 if levels is None else len(levels),
+                                 dictionary.atoms_bf16, _ptr(dictionary.gram), dictionary.gram_scale, s, _ptr(idx),
+                                 _ptr(coef), _ptr(levels), _ptr(midpoints), 0 if levels is None else len(levels),
                                  1.0 if rounding is None else rounding.scale, torch.get_num_threads())
     return None if failed else (idx, coef)
 
